@@ -1,0 +1,252 @@
+"""The `cxr-fastai` command line: each command parses options, calls one library function, prints a
+summary. Heavy modules (torch, fastai) are imported inside commands so that `--help` stays fast."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from .config import DemoConfig, EvalConfig, PredictConfig, TrainConfig
+from .errors import CxrError
+
+app = typer.Typer(
+    name="cxr-fastai",
+    help="Train, inspect and export a small chest X-ray classifier (fastai + ResNet9). "
+    "Research use only; not for diagnosis.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that `finally` blocks and checkpoints run."""
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _warn(msg: str) -> None:
+    typer.echo(f"warning: {msg}", err=True)
+
+
+def _quiet_log(quiet: bool):
+    return (lambda m: None) if quiet else _echo
+
+
+@contextlib.contextmanager
+def _errors(interrupt_hint: str = "") -> Iterator[None]:
+    """Our exceptions become one line on stderr and exit 1; Ctrl-C exits 130, SIGTERM 143."""
+    old = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    with contextlib.suppress(ValueError):  # not in the main thread (some test runners): leave it
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except CxrError as e:
+        if _state["debug"]:
+            raise
+        _echo(f"error: {e}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        _echo(f"interrupted{'; ' + interrupt_hint if interrupt_hint else ''}")
+        raise typer.Exit(130)
+    except Terminated:
+        _echo(f"terminated{'; ' + interrupt_hint if interrupt_hint else ''}")
+        raise typer.Exit(143)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as e:  # a bug of ours: still one line, the traceback with --debug
+        if _state["debug"]:
+            raise
+        _echo(f"error: unexpected {type(e).__name__}: {e} (this is a bug; rerun with --debug for the traceback)")
+        raise typer.Exit(1)
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, old)
+
+
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+    _state["debug"] = debug
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|fastai|fastcore)\b.*")
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+
+
+D = TrainConfig()
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Argument(None, help="Dataset root: ROOT/{train,valid[,test]}/CLASS/*, ROOT/CLASS/* or ROOT/labels.csv. Not needed with --resume."),
+    run: Path = typer.Option(..., "--run", help="Run folder to create (config, stats, checkpoints, logs)."),
+    size: int = typer.Option(D.size, min=16, max=1024, help="Image side in px the model sees."),
+    epochs: int = typer.Option(D.epochs, min=1, max=10_000, help="Length of the one-cycle schedule."),
+    bs: int = typer.Option(D.bs, min=1, max=8192, help="Batch size (clamped to the training-set size)."),
+    lr: float = typer.Option(D.lr, min=1e-7, max=10.0, help="Peak learning rate of the one-cycle schedule."),
+    wd: float = typer.Option(D.wd, min=0.0, max=1.0, help="Decoupled weight decay (not on BN/bias)."),
+    clip: float = typer.Option(D.clip, min=1e-6, help="Gradient-norm clip (fastai GradientClip)."),
+    seed: int = typer.Option(D.seed, min=0, help="Seed: the same seed gives the same numbers on CPU."),
+    min_scale: float = typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
+    device: Device = typer.Option(Device(D.device), help="Where to train."),
+    workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+):
+    """Train ResNet9 with fastai's fit_one_cycle and keep the epoch with the best validation balanced accuracy."""
+    from .train import train as train_run
+
+    if resume and force:
+        raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
+    if data is None and not resume:
+        raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
+    cfg = TrainConfig(data=str(data or ""), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
+                      seed=seed, min_scale=min_scale, device=device.value, workers=workers)
+    with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
+        res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),
+                        log=_quiet_log(quiet), warn=_warn)
+    b = res.best
+    typer.echo(f"trained {res.n_train} images ({res.n_valid} validation, {res.skipped} skipped) in {res.seconds:.0f} s; "
+               f"best epoch {res.best_epoch}: valid accuracy {b.get('accuracy', float('nan')):.4f}, "
+               f"balanced accuracy {b.get('balanced_accuracy_score', float('nan')):.4f}")
+    typer.echo(f"run folder: {res.run}  (next: cxr-fastai interpret {res.run}; cxr-fastai export {res.run})")
+
+
+@app.command()
+def interpret(
+    run: Path = typer.Argument(..., help="A run folder made by `cxr-fastai train`."),
+    k: int = typer.Option(16, "--k", min=1, max=400, help="How many top losses to show."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default RUN/report)."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    force: bool = typer.Option(True, "--force/--no-force", help="Replace an existing report folder."),
+):
+    """Top losses and confusion reports on the validation set (PNG, CSV), written headless."""
+    from .interpret import interpret_run
+
+    with _errors():
+        rep = interpret_run(run, k=k, out=out, device=device.value, force=force)
+    typer.echo(f"report: {rep.folder}")
+    for f in rep.files:
+        typer.echo(f"  {f}")
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A finished run folder."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Artifact folder (default export/RUN_NAME)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
+):
+    """Write model.pkl (fastai learn.export), model.safetensors and manifest.json into one folder, atomically."""
+    from .export import export_run
+
+    with _errors():
+        art = export_run(run, to=to, force=force)
+    typer.echo(f"exported to {art.folder}: " + ", ".join(sorted(art.files)))
+
+
+@app.command()
+def predict(
+    artifact: Path = typer.Argument(..., help="An exported model folder (manifest.json + model.safetensors)."),
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of stdout."),
+    fmt: Format = typer.Option(Format.csv, "--format", help="csv or json."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Load model.pkl with fastai (a pickle can run code: only for artifacts you trust)."),
+    bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
+    workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model."),
+):
+    """Class probabilities for images; unreadable files get an `error` entry instead of failing the run."""
+    from .predict import predict_paths, write_predictions
+
+    cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle)
+    with _errors():
+        if trust_pickle:
+            _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
+                  "use it only for artifacts you made or trust")
+        res = predict_paths(artifact, inputs, cfg, warn=_warn)
+        write_predictions(res, out, fmt.value)
+    n_err = sum(1 for r in res.rows if r["error"])
+    if out is not None:
+        typer.echo(f"{len(res.rows) - n_err} image(s) predicted, {n_err} unreadable; written to {out}", err=True)
+    elif n_err:
+        _warn(f"{n_err} unreadable image(s): see the error column")
+
+
+@app.command()
+def evaluate(
+    artifact: Path = typer.Argument(..., help="An exported model folder."),
+    data: Path = typer.Argument(..., help="Labelled images in any layout `train` accepts."),
+    split: str = typer.Option(EvalConfig.split, "--split", help="train, valid or test, where the layout has splits; otherwise all images count."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON path (default: print to stdout)."),
+    bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
+    workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model."),
+):
+    """Accuracy, balanced accuracy, confusion matrix and per-class sensitivity/specificity/PPV/NPV/F1."""
+    import json
+
+    from .evaluate import evaluate as evaluate_data
+    from .evaluate import write_metrics
+
+    if split not in ("train", "valid", "test"):
+        raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
+    with _errors():
+        res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value),
+                            warn=_warn)
+        if out is not None:
+            write_metrics(res, out)
+    if out is None:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        _echo(f"{res.n} images: accuracy {res.accuracy:.4f}, balanced accuracy {res.balanced_accuracy:.4f}; written to {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path(DemoConfig.out), "--out", help="Folder for the synthetic data and every output (replaced)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final summary."),
+):
+    """The whole path on a small SYNTHETIC dataset made on the spot: train, interpret, export, predict, evaluate."""
+    from .demo import run_demo
+
+    with _errors():
+        res = run_demo(DemoConfig(out=str(out)), log=_quiet_log(quiet), warn=_warn)
+    typer.echo("demo finished (synthetic images: this shows the tool works, it says nothing about medicine)")
+    typer.echo(f"  held-out synthetic test accuracy: {res.test_accuracy:.3f}, balanced accuracy {res.test_balanced_accuracy:.3f}")
+    for name, path in res.files.items():
+        typer.echo(f"  {name}: {path}")
+
+
+def main() -> None:
+    app()

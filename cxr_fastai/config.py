@@ -1,0 +1,91 @@
+"""One frozen dataclass per job: the only place defaults live. Saved in every run and artifact."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""                 # dataset root (any layout that data.discover accepts)
+    run: str = ""                  # run folder: config, class order, stats, checkpoints, logs
+    size: int = 128                # px; images are seen as size x size
+    epochs: int = 30               # length of the one-cycle schedule
+    bs: int = 256                  # batch size; clamped to the training-set size
+    lr: float = 2e-3               # peak of the one-cycle schedule, for batch 256
+    wd: float = 1e-4               # decoupled weight decay (none on BN weights and biases)
+    clip: float = 0.1              # GradientClip max norm
+    seed: int = 0
+    min_scale: float = 0.35        # RandomResizedCrop: smallest crop, as a fraction of the image area
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    valid_pct: float = 0.2         # only for layouts without a split: share of items (or patients) held out
+    workers: int = 0               # DataLoader workers; 0 is fastest on a 2-core machine
+    device: str = "auto"           # auto | cpu | cuda
+    stats_limit: int = 20_000      # images used for the pixel mean/std (seeded sample when more)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "widths" in d:
+            d["widths"] = tuple(int(w) for w in d["widths"])
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    bs: int = 128                  # images per forward pass
+    workers: int = 4               # decoding threads (Pillow releases the GIL while decoding)
+    device: str = "auto"
+    trust_pickle: bool = False     # load model.pkl with fastai (can execute code) instead of safetensors
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "test"
+    n_boot: int = 1000             # bootstrap resamples for the 95% intervals
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo-out"
+    n_train: int = 240             # synthetic images per class in train
+    image_size: int = 64           # px of the synthetic PNGs
+    size: int = 32                 # px the model sees
+    epochs: int = 8
+    bs: int = 64
+    lr: float = 4e-3
+    seed: int = 0
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import CxrError
+
+        raise CxrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return name
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,356 @@
+"""Dataset discovery (folders or labels.csv), class order, splits, pixel stats and fastai DataLoaders.
+
+Layouts, tried in this order:
+  (c) ROOT/labels.csv with columns path,label[,split][,source][,patient_id][,group]; paths relative to
+      ROOT. Its split column is used as given; without one, items are split by connected components of
+      patient_id and group, so that no patient and no duplicate group is on both sides.
+  (a) ROOT/{train,valid[,test]}/CLASS/**/image
+  (b) ROOT/CLASS/**/image, split by a seeded random split.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .config import SPLITS, TrainConfig
+from .errors import DataError, ImageReadError
+from .images import is_image_name, read_grey, squash
+
+COLUMNS = ("path", "label", "split", "source", "patient_id", "group")
+SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
+                 "validation": "valid", "test": "test", "testing": "test"}
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str                # "labels.csv" | "split-folders" | "class-folders"
+    items: pd.DataFrame        # COLUMNS; path is absolute; split in SPLITS
+    split_given: bool          # False when this module made the split
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.items.loc[self.items.split == "train", "label"].unique().tolist())
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.items[self.items.split == name].reset_index(drop=True)
+
+
+@dataclass
+class Skipped:
+    """Images that could not be read: skipped, warned about and listed, never fatal on their own."""
+    rows: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+
+    def add(self, path: str, reason: str) -> None:
+        self.rows.append((str(path), reason))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["path", "error"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+# ---------------------------------------------------------------------------------------- discovery
+
+def discover(root: str | Path, valid_pct: float = 0.2, seed: int = 0) -> Dataset:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: no such folder; give the dataset root (folders of classes, "
+                        "train/valid/test folders, or a folder with labels.csv)")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder; give the dataset root folder")
+    root = root.resolve()
+    if (root / "labels.csv").is_file():
+        ds = _from_labels_csv(root, valid_pct, seed)
+    elif (root / "train").is_dir():
+        ds = _from_split_folders(root)
+    else:
+        ds = _from_class_folders(root, valid_pct, seed)
+    _check(ds)
+    return ds
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if is_image_name(p.name) and not p.name.startswith("."))
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    for c in ("source", "patient_id", "group"):
+        df[c] = df[c].fillna("").astype(str)
+    return df
+
+
+def _from_split_folders(root: Path) -> Dataset:
+    rows = []
+    for split in SPLITS:
+        d = root / split
+        if not d.is_dir():
+            continue
+        for cdir in _class_dirs(d):
+            for p in _images_under(cdir):
+                rows.append(dict(path=str(p), label=cdir.name, split=split))
+    ds = Dataset(root, "split-folders", _frame(rows), split_given=True)
+    if not (root / "valid").is_dir():
+        raise DataError(f"{root}: has train/ but no valid/ folder; add ROOT/valid/CLASS/* "
+                        "(or remove train/ to let the tool split ROOT/CLASS/* itself)")
+    return ds
+
+
+def _from_class_folders(root: Path, valid_pct: float, seed: int) -> Dataset:
+    rows = []
+    for cdir in _class_dirs(root):
+        for p in _images_under(cdir):
+            rows.append(dict(path=str(p), label=cdir.name, split=""))
+    df = _frame(rows)
+    if len(df):
+        df["split"] = _random_split(len(df), valid_pct, seed)
+    return Dataset(root, "class-folders", df, split_given=False)
+
+
+def _random_split(n: int, valid_pct: float, seed: int) -> list[str]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_valid = max(1, int(round(n * valid_pct))) if n > 1 else 0
+    split = np.array(["train"] * n, dtype=object)
+    split[order[:n_valid]] = "valid"
+    return split.tolist()
+
+
+def _from_labels_csv(root: Path, valid_pct: float, seed: int) -> Dataset:
+    csv = root / "labels.csv"
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{csv}: cannot be parsed as CSV ({e}); it needs a header line path,label[,split,...]") from e
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing:
+        raise DataError(f"{csv}: missing column(s) {', '.join(missing)}; the header must include path,label "
+                        f"(found: {', '.join(df.columns) or 'nothing'})")
+    if len(df) == 0:
+        raise DataError(f"{csv}: has a header but no rows; list one image per row")
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = ""
+    df = df[list(COLUMNS)].copy()
+    for c in COLUMNS:
+        df[c] = df[c].astype(str).str.strip()
+    line = df.index + 2  # 1-based file line, after the header
+    empty = df.index[(df.path == "") | (df.label == "")]
+    if len(empty):
+        raise DataError(f"{csv}: line {line[empty[0]]} has an empty path or label; fill or delete it")
+    abs_paths = []
+    for i, rel in zip(line, df.path):
+        # normpath, not resolve: a symlinked image inside the folder is fine, "../x" is not
+        p = Path(os.path.normpath(root / rel))
+        if not p.is_relative_to(root):
+            raise DataError(f"{csv}: line {i}: path {rel!r} points outside the data folder {root}; "
+                            "paths must stay inside the folder that holds labels.csv")
+        abs_paths.append(str(p))
+    df["path"] = abs_paths
+    dup = df.path.duplicated(keep=False)
+    if dup.any():
+        first = df.loc[dup, "path"].iloc[0]
+        lines = line[(df.path == first).to_numpy()].tolist()
+        raise DataError(f"{csv}: image {Path(first).relative_to(root)} is listed {len(lines)} times "
+                        f"(lines {', '.join(map(str, lines))}); keep one row per image")
+    has_split = (df.split != "").any()
+    if has_split:
+        bad = df.index[~df.split.str.lower().isin(SPLIT_ALIASES)]
+        if len(bad):
+            raise DataError(f"{csv}: line {line[bad[0]]}: split {df.split[bad[0]]!r} is not one of "
+                            "train, valid, test (leave the split column out to let the tool split)")
+        df["split"] = df.split.str.lower().map(SPLIT_ALIASES)
+        return Dataset(root, "labels.csv", df.reset_index(drop=True), split_given=True)
+    df["split"] = group_split(df.patient_id.tolist(), df.group.tolist(), valid_pct, seed)
+    return Dataset(root, "labels.csv", df.reset_index(drop=True), split_given=False)
+
+
+def group_split(patient_ids: Sequence[str], groups: Sequence[str], valid_pct: float, seed: int) -> list[str]:
+    """'train'/'valid' per item; items sharing a patient id or a group (transitively) stay together."""
+    n = len(patient_ids)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key_col in (patient_ids, groups):
+        first: dict[str, int] = {}
+        for i, k in enumerate(key_col):
+            if not k:
+                continue
+            if k in first:
+                a, b = find(i), find(first[k])
+                if a != b:
+                    parent[a] = b
+            else:
+                first[k] = i
+    comps: dict[int, list[int]] = {}
+    for i in range(n):
+        comps.setdefault(find(i), []).append(i)
+    order = list(comps.values())
+    random.Random(seed).shuffle(order)
+    split = ["train"] * n
+    target = max(1, int(round(n * valid_pct))) if n > 1 else 0
+    taken = 0
+    for comp in order:
+        if taken >= target:
+            break
+        if taken + len(comp) > target * 1.5 and taken > 0:
+            continue  # a huge component would overshoot: try smaller ones
+        for i in comp:
+            split[i] = "valid"
+        taken += len(comp)
+    return split
+
+
+def _check(ds: Dataset) -> None:
+    root = ds.root
+    if len(ds.items) == 0:
+        raise DataError(f"{root}: no images found (looked for {', '.join(('.jpg', '.png', '.bmp', '.tif'))} "
+                        "in ROOT/CLASS/, ROOT/train/CLASS/ or via ROOT/labels.csv)")
+
+
+def check_trainable(ds: Dataset) -> list[str]:
+    """Raise DataError unless train and valid can be built; return the class order (sorted names)."""
+    root = ds.root
+    train, valid = ds.split("train"), ds.split("valid")
+    if len(train) == 0:
+        raise DataError(f"{root}: no training images (split 'train' is empty)")
+    classes = ds.classes
+    if len(classes) < 2:
+        raise DataError(f"{root}: only one class ({classes[0]!r}) in the training images; a classifier "
+                        "needs at least 2 classes (one folder or label per class)")
+    if len(valid) == 0:
+        raise DataError(f"{root}: no validation images; add a valid split (or enough images for the tool "
+                        "to hold some out)")
+    unknown = sorted(set(ds.items.label) - set(classes))
+    if unknown:
+        where = ds.items.loc[ds.items.label.isin(unknown), "split"].iloc[0]
+        raise DataError(f"{root}: label {unknown[0]!r} appears in the {where} split but has no training "
+                        f"images; add training images for it or remove it")
+    return classes
+
+
+# -------------------------------------------------------------------------------- decoding and stats
+
+def decode_many(paths: Sequence[str], workers: int = 4,
+                fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterable[tuple[int, np.ndarray | None, str]]:
+    """Yield (index, array or None, error) in order; decoding runs in a thread pool (Pillow drops the GIL)."""
+    def one(i_p: tuple[int, str]):
+        i, p = i_p
+        try:
+            a = read_grey(p)
+            return i, (fn(a) if fn else a), ""
+        except ImageReadError as e:
+            return i, None, str(e)
+
+    if workers <= 1:
+        yield from map(one, enumerate(paths))
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # bounded look-ahead keeps memory flat however many paths come in
+        chunk = max(64, workers * 16)
+        for start in range(0, len(paths), chunk):
+            yield from pool.map(one, enumerate(paths[start:start + chunk], start))
+
+
+@dataclass
+class PixelStats:
+    mean: float   # of pixel/255 over the training images, at the training size
+    std: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+
+def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: int,
+         workers: int = 4, progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, Skipped, PixelStats]:
+    """Decode every image of `splits` once: drop unreadable ones (listed in Skipped), and compute the
+    pixel mean/std from training images only (a seeded sample of at most stats_limit of them)."""
+    items = ds.items[ds.items.split.isin(splits)].reset_index(drop=True)
+    train_idx = np.flatnonzero(items.split.to_numpy() == "train")
+    if len(train_idx) > stats_limit:
+        train_idx = np.random.default_rng(seed).choice(train_idx, stats_limit, replace=False)
+    for_stats = np.zeros(len(items), bool)
+    for_stats[train_idx] = True
+    ok = np.ones(len(items), bool)
+    skipped = Skipped()
+    s = s2 = 0.0
+    npx = 0
+    paths = items.path.tolist()
+    for i, arr, err in decode_many(paths, workers):
+        if arr is None:
+            ok[i] = False
+            skipped.add(paths[i], err)
+        elif for_stats[i]:
+            x = squash(arr, size).astype(np.float64) / 255.0
+            s += x.sum()
+            s2 += np.square(x).sum()
+            npx += x.size
+        if progress and (i + 1) % 256 == 0:
+            progress(i + 1, len(paths))
+    items = items[ok].reset_index(drop=True)
+    if npx == 0:
+        raise DataError(f"{ds.root}: none of the training images could be read "
+                        f"({len(skipped)} unreadable, e.g. {skipped.rows[0][1] if len(skipped) else '?'})")
+    mean = s / npx
+    std = math.sqrt(max(s2 / npx - mean * mean, 0.0))
+    if std < 1e-6:
+        raise DataError(f"{ds.root}: every training pixel has the same value; the images carry no information")
+    return items, skipped, PixelStats(mean=float(mean), std=float(std))
+
+
+# ----------------------------------------------------------------------------------- fastai pipeline
+
+def make_datablock(classes: Sequence[str], stats: PixelStats, size: int, min_scale: float):
+    from fastai.data.block import CategoryBlock, DataBlock
+    from fastai.data.transforms import ColReader, ColSplitter, Normalize
+    from fastai.vision.augment import RandomResizedCrop
+    from fastai.vision.data import ImageBlock
+
+    from .fastai_types import CxrImage
+
+    return DataBlock(
+        blocks=(ImageBlock(cls=CxrImage), CategoryBlock(vocab=list(classes))),
+        get_x=ColReader("path"),
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        # val_xtra=0: at validation the whole image is squashed to size x size, nothing trimmed
+        item_tfms=RandomResizedCrop(size, min_scale=min_scale, val_xtra=0.0),
+        batch_tfms=[Normalize.from_stats([stats.mean], [stats.std], cuda=False)],
+    )
+
+
+def build_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelStats, cfg: TrainConfig, device: str):
+    """fastai DataLoaders over the train and valid rows of `items` (columns path, label, split)."""
+    df = items[items.split.isin(("train", "valid"))][["path", "label", "split"]].reset_index(drop=True)
+    df["is_valid"] = df.split == "valid"
+    n_train = int((~df.is_valid).sum())
+    bs = max(1, min(cfg.bs, n_train))  # fastai drops the last partial batch: bs > n_train trains nothing
+    dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale)
+    return dblock.dataloaders(df, bs=bs, num_workers=cfg.workers, device=device)
+
+
+def check_items_exist(items: pd.DataFrame, info) -> None:
+    """The run's images must still be where training found them (interpret, resume)."""
+    missing = [p for p in items.path if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{info.path}: {len(missing)} of the run's {len(items)} images are gone "
+                        f"(first: {missing[0]}); put the data back at {info.cfg.data}")

@@ -1,0 +1,92 @@
+"""Reading radiographs as one 8-bit grey channel, the same way in every path (train, predict, evaluate).
+
+Why not `PIL.Image.convert('L')` alone: it clips 16-bit images (modes I;16 / I) to white, and it turns
+RGBA into grey over an undefined background. Here 16-bit data is scaled by its bit depth, alpha is
+composited on black, EXIF orientation is applied and palette/CMYK images are converted properly.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageReadError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_grey(img: Image.Image) -> np.ndarray:
+    """(H, W) uint8 from any Pillow mode we accept."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(img, dtype=np.uint16).astype(np.float32)
+        return np.round(a * (255.0 / 65535.0)).astype(np.uint8)
+    if mode == "I":
+        # 32-bit container; in practice a 16-bit PNG/TIFF decoded by an older Pillow
+        a = np.asarray(img, dtype=np.int64).astype(np.float32)
+        top = 65535.0 if a.max(initial=0) > 255 else 255.0
+        return np.round(np.clip(a, 0, top) * (255.0 / top)).astype(np.uint8)
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError("float image holds NaN or infinite values")
+        top = 1.0 if a.max(initial=0) <= 1.0 else 65535.0 if a.max() > 255 else 255.0
+        return np.round(np.clip(a, 0, top) * (255.0 / top)).astype(np.uint8)
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        img = img.convert("RGBA")
+        black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, img)
+    # RGB, CMYK, YCbCr, LAB, HSV, L and the composited images above: Pillow's ITU-R 601-2 luma
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """Decode one image file to a (H, W) uint8 array, or raise ImageReadError naming the file."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow's DecompressionBombWarning (between 1x and 2x its pixel limit) becomes an error too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                arr = _to_grey(img)
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: image too large ({e}); resize it below {Image.MAX_IMAGE_PIXELS:,} pixels") from e
+    except Image.DecompressionBombWarning as e:
+        raise ImageReadError(f"{path}: image too large ({e}); resize it") from e
+    except IsADirectoryError as e:
+        raise ImageReadError(f"{path}: is a folder, not an image") from e
+    except FileNotFoundError as e:
+        raise ImageReadError(f"{path}: file not found") from e
+    except PermissionError as e:
+        raise ImageReadError(f"{path}: not readable (permission denied)") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageReadError(f"{path}: not an image Pillow can read (empty, text or unsupported format)") from e
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as e:
+        raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is probably truncated or corrupt") from e
+    if arr.ndim != 2 or arr.size == 0:
+        raise ImageReadError(f"{path}: decoded to an empty or non-2-D array of shape {arr.shape}")
+    return arr
+
+
+def squash(arr: np.ndarray, size: int) -> np.ndarray:
+    """Resize the whole image to size x size (no crop), bilinear: what validation and prediction see.
+
+    Matches fastai's `RandomResizedCrop(size, val_xtra=0)` at validation time, which crops the full
+    image and resizes it with PIL's bilinear filter.
+    """
+    if arr.shape == (size, size):
+        return arr
+    return np.asarray(Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR), dtype=np.uint8)

@@ -1,0 +1,347 @@
+"""make_learner(cfg, dls) and train(cfg): fastai Learner, one-cycle Adam, GradientClip, checkpoints.
+
+A run folder holds everything needed to resume, interpret or export without the original command:
+  config.json       the TrainConfig (data path included)
+  run.json          class order, pixel stats, layout, counts, best epoch and its validation metrics
+  items.csv         the train/valid images actually used (unreadable ones left out)
+  skipped.csv       unreadable images: path,error
+  history.csv       one row per epoch (fastai CSVLogger)
+  checkpoints/      best.pth (weights of the best epoch), last.pth (weights + optimizer + epoch)
+  learner.pkl       fastai `learn.export` of the best model, written when training finishes
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import TrainConfig, resolve_device, write_json
+from .data import PixelStats, Skipped, build_dls, check_trainable, discover, scan
+from .errors import RunError
+from .fsutil import atomic_save_path, atomic_write_text
+from .model import MIN_SIZE, ResNet9
+
+BEST_METRIC = "balanced_accuracy_score"  # fastai's name for BalancedAccuracy()
+Log = Callable[[str], None]
+
+
+def _noop(msg: str) -> None:
+    pass
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    cfg: TrainConfig
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def stats(self) -> PixelStats:
+        return PixelStats(**self.meta["stats"])
+
+    @property
+    def best_path(self) -> Path:
+        return self.path / "checkpoints" / "best.pth"
+
+    @property
+    def last_path(self) -> Path:
+        return self.path / "checkpoints" / "last.pth"
+
+    def items(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "items.csv", dtype=str, keep_default_na=False)
+
+
+def load_run(run: str | Path, need_best: bool = True) -> RunInfo:
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"{run}: no such run folder; train one with `cxr-fastai train DATA_DIR --run {run}`")
+    for name in ("config.json", "run.json", "items.csv"):
+        if not (run / name).is_file():
+            raise RunError(f"{run}: not a cxr-fastai run folder ({name} is missing); "
+                           "point to the --run folder that `cxr-fastai train` made")
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+        meta = json.loads((run / "run.json").read_text())
+        meta["classes"], meta["stats"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{run}: config.json or run.json is damaged ({type(e).__name__}: {e}); retrain the run") from e
+    info = RunInfo(run, cfg, meta)
+    if need_best and not info.best_path.is_file():
+        raise RunError(f"{run}: no checkpoint ({info.best_path} is missing); the run never finished an epoch — "
+                       f"resume it with `cxr-fastai train --resume --run {run}` or train again")
+    return info
+
+
+# ---------------------------------------------------------------------------------------- callbacks
+
+def _callbacks():
+    """fastai Callback classes, built on first use so that importing this module stays light."""
+    from fastai.callback.core import Callback
+
+    class RunCheckpoint(Callback):
+        """After each epoch: keep the best epoch's weights (by validation balanced accuracy) and the
+        last epoch's weights + optimizer state, each written atomically."""
+        order = 60  # after Recorder, which fills recorder.values
+
+        def __init__(self, info: RunInfo, best_score: float, best_epoch: int, log: Log):
+            self.info, self.best_score, self.best_epoch, self.log = info, best_score, best_epoch, log
+
+        def after_epoch(self):
+            import torch
+
+            names = self.learn.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+            vals = dict(zip(names, self.learn.recorder.values[-1]))
+            score = float(vals.get(BEST_METRIC, float("nan")))
+            model_sd = {k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()}
+            if not math.isnan(score) and score > self.best_score:
+                self.best_score, self.best_epoch = score, self.epoch
+                with atomic_save_path(self.info.best_path) as tmp:
+                    torch.save(model_sd, tmp)
+                self.info.meta["best"] = {"epoch": self.epoch + 1, **{k: float(v) for k, v in vals.items()}}
+            with atomic_save_path(self.info.last_path) as tmp:
+                torch.save({"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
+                            "best_score": self.best_score, "best_epoch": self.best_epoch}, tmp)
+            self.info.meta["epochs_done"] = self.epoch + 1
+            write_json(self.info.path / "run.json", self.info.meta)
+
+    class Eta(Callback):
+        """Log an estimate of the whole run's time after a few batches; warn past an hour."""
+        order = 70
+
+        def __init__(self, log: Log, warn: Log, epochs_left: int, measure: int = 4):
+            self.log, self.warn, self.epochs_left, self.measure, self.done = log, warn, epochs_left, measure, False
+
+        def before_fit(self):
+            self.n_seen, self.t0 = 0, None
+
+        def after_batch(self):
+            if self.done or not self.training:
+                return
+            self.n_seen += 1
+            if self.n_seen == 1:  # the first batch pays one-off costs: start the clock after it
+                self.t0 = time.perf_counter()
+                return
+            if self.n_seen - 1 < min(self.measure, max(1, len(self.dls.train) - 1)):
+                return
+            per_batch = (time.perf_counter() - self.t0) / (self.n_seen - 1)
+            # validation: forward only, ~1/3 of a training batch's cost
+            per_epoch = per_batch * (len(self.dls.train) + len(self.dls.valid) / 3)
+            total = per_epoch * self.epochs_left
+            self.log(f"ETA: ~{_fmt_s(total)} for {self.epochs_left} epoch(s) (~{_fmt_s(per_epoch)} per epoch, "
+                     f"{self.dls.train.bs / per_batch:.0f} img/s training)")
+            if total > 3600:
+                self.warn(f"this run will take about {_fmt_s(total)}; a smaller --size or fewer --epochs, "
+                          "or a GPU, would be much faster")
+            self.done = True
+
+    class EpochLog(Callback):
+        """One line per epoch through `log` when fastai's progress table is off."""
+        order = 65
+
+        def __init__(self, log: Log):
+            self.log = log
+
+        def after_epoch(self):
+            names = self.learn.recorder.metric_names[1:-1]
+            vals = self.learn.recorder.values[-1]
+            parts = [f"{n}={v:.4f}" for n, v in zip(names, vals)]
+            self.log(f"epoch {self.epoch + 1}/{self.n_epoch}: " + " ".join(parts))
+
+    return RunCheckpoint, Eta, EpochLog
+
+
+def _fmt_s(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------------------ learner
+
+def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None):
+    from fastai.callback.training import GradientClip
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import BalancedAccuracy, accuracy
+    from fastai.optimizer import Adam
+
+    model = ResNet9(n_in=1, n_out=n_classes, widths=cfg.widths)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, wd=cfg.wd,
+                    metrics=[accuracy, BalancedAccuracy()], cbs=[GradientClip(cfg.clip)],
+                    path=path or Path("."), model_dir="checkpoints")
+    if str(dls.device).startswith("cuda"):
+        learn.to_bf16()
+    return learn
+
+
+def learner_from_run(info: RunInfo, device: str = "auto"):
+    """A Learner over the run's own train/valid items with the best weights loaded (no unpickling)."""
+    import torch
+
+    from .data import check_items_exist
+
+    device = resolve_device(device)
+    items = info.items()
+    check_items_exist(items, info)
+    dls = build_dls(items, info.classes, info.stats, info.cfg.replace(workers=0), device)
+    learn = make_learner(info.cfg, dls, len(info.classes), path=info.path)
+    learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
+    learn.model.to(device)
+    return learn
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    from .errors import CxrError
+
+    if cfg.size < MIN_SIZE:
+        raise CxrError(f"--size {cfg.size} is below {MIN_SIZE} px, the smallest input ResNet9 accepts")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+@dataclass
+class TrainResult:
+    run: Path
+    best_epoch: int
+    best: dict[str, float]
+    n_train: int
+    n_valid: int
+    skipped: int
+    seconds: float
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = False,
+          log: Log = _noop, warn: Log = _noop) -> TrainResult:
+    import torch
+    import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
+    from fastai.callback.progress import CSVLogger
+    from fastai.torch_core import set_seed
+
+    t_start = time.perf_counter()
+    run = Path(cfg.run)
+    if resume:
+        info = load_run(run, need_best=False)
+        if not info.last_path.is_file():
+            raise RunError(f"{run}: nothing to resume (no checkpoints/last.pth); start it again with --force")
+        if info.meta.get("finished"):
+            raise RunError(f"{run}: this run already finished all {info.cfg.epochs} epochs; nothing to resume")
+        cfg = info.cfg
+        items = info.items()
+        from .data import check_items_exist
+
+        check_items_exist(items, info)
+        skipped_n = int(info.meta.get("skipped", 0))
+    else:
+        validate_config(cfg)
+        if run.exists() and any(run.iterdir()):
+            if not force:
+                raise RunError(f"{run}: run folder already exists; pass --force to replace it "
+                               f"or --resume to continue it")
+            shutil.rmtree(run)
+        ds = discover(cfg.data, cfg.valid_pct, cfg.seed)
+        classes = check_trainable(ds)
+        log(f"data: {ds.root} ({ds.layout}); classes {', '.join(classes)}; scanning {len(ds.items)} images")
+        items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4)
+        if len(skipped):
+            warn(f"{len(skipped)} unreadable image(s) skipped, listed in {run / 'skipped.csv'} "
+                 f"(first: {skipped.rows[0][1]})")
+        for split in ("train", "valid"):
+            if not (items.split == split).any():
+                raise RunError(f"{ds.root}: no readable {split} images left after skipping {len(skipped)} unreadable")
+        run.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.replace(data=str(ds.root), run=str(run))
+        n_by = items.groupby(["split", "label"]).size()
+        meta = {
+            "classes": classes,
+            "stats": stats.to_dict(),
+            "layout": ds.layout,
+            "split_given": ds.split_given,
+            "counts": {s: {c: int(n_by.get((s, c), 0)) for c in classes} for s in ("train", "valid")},
+            "skipped": len(skipped),
+            "epochs_done": 0,
+            "finished": False,
+            "versions": versions(),
+        }
+        write_json(run / "config.json", cfg.to_dict())
+        atomic_write_text(run / "items.csv", items[["path", "label", "split"]].to_csv(index=False))
+        atomic_write_text(run / "skipped.csv", skipped.frame().to_csv(index=False))
+        write_json(run / "run.json", meta)
+        info = RunInfo(run, cfg, meta)
+        skipped_n = len(skipped)
+
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed, reproducible=True)
+    dls = build_dls(items, info.classes, info.stats, cfg, device)
+    learn = make_learner(cfg, dls, len(info.classes), path=run)
+    start_epoch, best_score, best_epoch = 0, -math.inf, -1
+    if resume:
+        ck = torch.load(info.last_path, map_location="cpu", weights_only=False)
+        learn.model.load_state_dict(ck["model"])
+        learn.create_opt()
+        learn.opt.load_state_dict(ck["opt"])
+        start_epoch, best_score, best_epoch = ck["epochs_done"], ck["best_score"], ck["best_epoch"]
+        log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}")
+    RunCheckpoint, Eta, EpochLog = _callbacks()
+    cbs = [RunCheckpoint(info, best_score, best_epoch, log), CSVLogger("history.csv", append=resume)]
+    if device == "cpu":
+        cbs.append(Eta(log, warn, cfg.epochs - start_epoch))
+    if not progress:
+        cbs.append(EpochLog(log))
+    if start_epoch < cfg.epochs:
+        if progress:
+            learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
+        else:
+            learn.logger = _noop
+            with learn.no_bar():
+                learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
+    # keep the best epoch: its weights become the run's model and learner.pkl
+    learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
+    export_learner(learn, run / "learner.pkl")
+    info.meta["finished"] = True
+    write_json(run / "run.json", info.meta)
+    best = info.meta.get("best", {})
+    return TrainResult(run=run, best_epoch=int(best.get("epoch", 0)), best=best,
+                       n_train=int((items.split == "train").sum()), n_valid=int((items.split == "valid").sum()),
+                       skipped=skipped_n, seconds=time.perf_counter() - t_start)
+
+
+def export_learner(learn, dest: Path) -> None:
+    """fastai `learn.export` with only picklable, reusable callbacks and no data (dls.new_empty)."""
+    from fastai.callback.progress import CSVLogger
+
+    learn.model.cpu()
+    keep = [cb for cb in learn.cbs if type(cb).__module__.startswith("fastai.")
+            and not isinstance(cb, CSVLogger)]
+    removed = [cb for cb in learn.cbs if cb not in keep]
+    learn.remove_cbs(removed)
+    try:
+        with atomic_save_path(dest) as tmp:
+            learn.export(tmp)
+    finally:
+        learn.add_cbs(removed)
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import fastai
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {"cxr_fastai": __version__, "fastai": fastai.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version()}
