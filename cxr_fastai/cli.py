@@ -196,11 +196,10 @@ def predict(
                   "use it only for artifacts you made or trust")
         res = predict_paths(artifact, inputs, cfg, warn=_warn)
         write_predictions(res, out, fmt.value)
-    n_err = sum(1 for r in res.rows if r["error"])
     if out is not None:
-        typer.echo(f"{len(res.rows) - n_err} image(s) predicted, {n_err} unreadable; written to {out}", err=True)
-    elif n_err:
-        _warn(f"{n_err} unreadable image(s): see the error column")
+        _echo(f"{res.n - res.n_errors} image(s) predicted, {res.n_errors} unreadable; written to {out}")
+    if res.n_errors:
+        _warn(f"{res.n_errors} unreadable image(s) skipped: see the error column")
 
 
 @app.command()

@@ -79,8 +79,10 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     for f in tmp.rglob("*"):
         if f.is_file():
+            os.chmod(f, 0o666 & ~_umask())
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     aside = dest.with_name(f".{dest.name}.old")

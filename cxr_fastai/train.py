@@ -92,7 +92,7 @@ def _callbacks():
     class RunCheckpoint(Callback):
         """After each epoch: keep the best epoch's weights (by validation balanced accuracy) and the
         last epoch's weights + optimizer state, each written atomically."""
-        order = 60  # after Recorder, which fills recorder.values
+        order = 61  # after Recorder (fills recorder.values) and CSVLogger (writes the epoch's row)
 
         def __init__(self, info: RunInfo, best_score: float, best_epoch: int, log: Log):
             self.info, self.best_score, self.best_epoch, self.log = info, best_score, best_epoch, log
@@ -113,6 +113,8 @@ def _callbacks():
                 torch.save({"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
                             "best_score": self.best_score, "best_epoch": self.best_epoch}, tmp)
             self.info.meta["epochs_done"] = self.epoch + 1
+            if getattr(self.learn, "csv_logger", None) is not None:
+                self.learn.csv_logger.file.flush()  # history.csv readable while training runs
             write_json(self.info.path / "run.json", self.info.meta)
 
     class Eta(Callback):

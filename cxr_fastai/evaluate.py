@@ -1,0 +1,84 @@
+"""Evaluate an artifact on labelled images: metrics as data first, written by a separate function."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import EvalConfig, PredictConfig, write_json
+from .data import discover
+from .errors import DataError
+from .metrics import Metrics, compute_metrics, source_warnings
+from .predict import iter_probs, load_predictor
+
+
+@dataclass
+class EvalResult:
+    metrics: Metrics
+    split: str | None
+    data: str
+    artifact: str
+    skipped: list[tuple[str, str]]
+
+    @property
+    def n(self) -> int:
+        return self.metrics.n
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics.accuracy
+
+    @property
+    def balanced_accuracy(self) -> float:
+        return self.metrics.balanced_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.metrics.to_dict(), "split": self.split, "data": self.data, "artifact": self.artifact,
+                "skipped": [{"path": p, "error": e} for p, e in self.skipped]}
+
+
+def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.split,
+             cfg: PredictConfig = PredictConfig(), ecfg: EvalConfig = EvalConfig(),
+             warn: Callable[[str], None] = lambda m: None) -> EvalResult:
+    pred = load_predictor(artifact, cfg)
+    classes = pred.classes
+    ds = discover(data)
+    items = ds.items
+    used_split: str | None = None
+    if ds.split_given:
+        used_split = split
+        items = items[items.split == split]
+        if len(items) == 0:
+            have = ", ".join(sorted(ds.items.split.unique()))
+            raise DataError(f"{ds.root}: no images in split {split!r} (splits present: {have}); pick one with --split")
+    unknown = sorted(set(items.label) - set(classes))
+    if unknown:
+        raise DataError(f"{ds.root}: label {unknown[0]!r} is not a class of this model ({', '.join(classes)}); "
+                        "remove those images or evaluate a model trained with that class")
+    items = items.reset_index(drop=True)
+    index = {c: i for i, c in enumerate(classes)}
+    y, probs, srcs, skipped = [], [], [], []
+    paths = [Path(p) for p in items.path]
+    for i, (p, pr, err) in enumerate(iter_probs(pred, paths, cfg)):
+        if pr is None:
+            skipped.append((str(p), err))
+            continue
+        y.append(index[items.label[i]])
+        probs.append(pr)
+        srcs.append(items.source[i])
+    if skipped:
+        warn(f"{len(skipped)} unreadable image(s) left out of the metrics (first: {skipped[0][1]})")
+    if not y:
+        raise DataError(f"{ds.root}: none of the {len(items)} image(s) could be read")
+    sources = srcs if any(srcs) else None
+    m = compute_metrics(np.array(y), np.stack(probs), classes, sources=sources, n_boot=ecfg.n_boot, seed=ecfg.seed)
+    if sources:
+        for w in source_warnings(np.array(y), classes, sources):
+            warn(w)
+    return EvalResult(m, used_split, str(ds.root), str(Path(artifact)), skipped)
+
+
+def write_metrics(res: EvalResult, out: str | Path) -> None:
+    write_json(Path(out), res.to_dict())

@@ -1,0 +1,209 @@
+"""Write and read artifacts: fastai pickle, safetensors weights and manifest.json, in one folder.
+
+Reading never unpickles: weights come from safetensors, checked against the manifest's SHA-256 first
+(that detects corruption and accidental edits; it is not a signature, the manifest sits beside them).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError, RunError
+from .fsutil import atomic_folder, recover_folder
+
+FORMAT_VERSION = 1
+WEIGHTS, PICKLE, MANIFEST = "model.safetensors", "model.pkl", "manifest.json"
+DEFAULT_EXPORT_DIR = Path("export")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> list[str]:
+        return [MANIFEST, WEIGHTS, PICKLE]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["input"]["size"])
+
+    @property
+    def mean(self) -> float:
+        return float(self.manifest["normalization"]["mean"])
+
+    @property
+    def std(self) -> float:
+        return float(self.manifest["normalization"]["std"])
+
+
+def export_run(run: str | Path, to: str | Path | None = None, force: bool = False) -> Artifact:
+    import torch
+    from safetensors.torch import save_file
+
+    from .train import load_run
+
+    info = load_run(run)
+    pkl = info.path / "learner.pkl"
+    if not info.meta.get("finished") or not pkl.is_file():
+        raise RunError(f"{info.path}: training has not finished (no learner.pkl); "
+                       f"finish it with `cxr-fastai train --resume --run {info.path}`")
+    dest = Path(to) if to is not None else DEFAULT_EXPORT_DIR / info.path.resolve().name
+    recover_folder(dest)
+    if dest.exists() and not force:
+        raise ArtifactError(f"{dest}: already exists; pass --force to replace it or --to another folder")
+    if dest.exists() and not dest.is_dir():
+        raise ArtifactError(f"{dest}: exists and is a file; choose another --to folder")
+    try:
+        state = torch.load(info.best_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"{info.best_path}: checkpoint cannot be read ({type(e).__name__}); retrain the run") from e
+    with atomic_folder(dest) as tmp:
+        shutil.copyfile(pkl, tmp / PICKLE)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        manifest = build_manifest(info, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return Artifact(dest, manifest)
+
+
+def build_manifest(info, folder: Path) -> dict[str, Any]:
+    cfg = info.cfg
+    meta = info.meta
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "classes": info.classes,
+        "input": {"size": cfg.size, "channels": 1, "resize": "squash whole image to size x size, bilinear",
+                  "scale": "pixel / 255 after reading as 8-bit grey"},
+        "normalization": {"mean": info.stats.mean, "std": info.stats.std},
+        "architecture": {"name": "ResNet9", "n_in": 1, "n_out": len(info.classes), "widths": list(cfg.widths)},
+        "training": {**cfg.to_dict(), "layout": meta.get("layout"), "counts": meta.get("counts"),
+                     "skipped": meta.get("skipped", 0)},
+        "validation": meta.get("best", {}),
+        "versions": meta.get("versions", {}),
+        "files": {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+                  for name in (WEIGHTS, PICKLE)},
+        "model_card": {
+            "intended_use": "Research and teaching only. Not a medical device; not for diagnosis or triage.",
+            "data": f"trained on {cfg.data} ({meta.get('layout')}); class counts {meta.get('counts')}",
+            "known_confounds": "Classes that come from different sources (hospitals, age groups) let a model "
+                               "learn the source instead of the disease; check per-source metrics.",
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def read_manifest(folder: str | Path) -> Artifact:
+    folder = Path(folder)
+    if not folder.exists():
+        raise ArtifactError(f"{folder}: no such artifact folder; make one with `cxr-fastai export RUN --to {folder}`")
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: is a file; give the artifact folder that holds {MANIFEST}")
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: missing; {folder} is not a cxr-fastai artifact (re-export it)")
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e}); re-export the model") from e
+    validate_manifest(m, mpath)
+    return Artifact(folder, m)
+
+
+def validate_manifest(m: Any, where: Path | str = MANIFEST) -> None:
+    if not isinstance(m, dict):
+        raise ArtifactError(f"{where}: not a JSON object; re-export the model")
+    v = m.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ArtifactError(f"{where}: no integer format_version; re-export the model")
+    if v > FORMAT_VERSION:
+        raise ArtifactError(f"{where}: format_version {v} is newer than this cxr-fastai reads ({FORMAT_VERSION}); "
+                            "upgrade cxr-fastai")
+    if v < 1:
+        raise ArtifactError(f"{where}: format_version {v} is not valid; re-export the model")
+    try:
+        classes = m["classes"]
+        size = m["input"]["size"]
+        mean, std = m["normalization"]["mean"], m["normalization"]["std"]
+        arch = m["architecture"]
+        files = m["files"]
+        ok = (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+              and len(set(classes)) == len(classes)
+              and isinstance(size, int) and 16 <= size <= 4096
+              and isinstance(mean, (int, float)) and isinstance(std, (int, float)) and std > 0
+              and arch.get("name") == "ResNet9" and arch.get("n_out") == len(classes)
+              and isinstance(arch.get("n_in"), int) and isinstance(arch.get("widths"), list)
+              and len(arch["widths"]) == 4 and all(isinstance(w, int) and 0 < w <= 8192 for w in arch["widths"])
+              and isinstance(files.get(WEIGHTS, {}).get("sha256"), str))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{where}: missing or malformed field ({type(e).__name__}: {e}); re-export the model") from e
+    if not ok:
+        raise ArtifactError(f"{where}: fields have wrong types or values (classes, input.size, normalization, "
+                            "architecture, files); re-export the model")
+
+
+def verify_file(art: Artifact, name: str) -> Path:
+    path = art.folder / name
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing from the artifact; re-export the model")
+    want = art.manifest["files"].get(name, {}).get("sha256")
+    got = sha256_file(path)
+    if want != got:
+        raise ArtifactError(f"{path}: SHA-256 does not match the manifest (file changed or corrupt); "
+                            "re-export the model or restore the file")
+    return path
+
+
+def load_model(art: Artifact):
+    """ResNet9 with the artifact's weights, via safetensors only (no pickle, no code execution)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import ResNet9
+
+    path = verify_file(art, WEIGHTS)
+    a = art.manifest["architecture"]
+    model = ResNet9(n_in=a["n_in"], n_out=a["n_out"], widths=tuple(a["widths"]))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e}); re-export the model") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ArtifactError(f"{path}: weights do not fit a ResNet9 of this manifest ({first}); "
+                            "this is not a cxr-fastai model file") from e
+    return model.eval()
+
+
+def load_pickle_learner(art: Artifact):
+    """fastai's load_learner on model.pkl (unpickling: runs code). Only for trusted artifacts."""
+    from fastai.learner import load_learner
+
+    from . import fastai_types  # noqa: F401  (the pickle refers to it; load_learner hides import errors)
+
+    path = verify_file(art, PICKLE)
+    try:
+        return load_learner(path, cpu=True)
+    except Exception as e:
+        raise ArtifactError(f"{path}: fastai could not load the pickle ({type(e).__name__}: {e})") from e

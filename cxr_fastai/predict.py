@@ -1,0 +1,187 @@
+"""Load an artifact and predict image files in batches, streaming: memory stays flat with the count."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .config import PredictConfig, resolve_device
+from .data import decode_many
+from .errors import DataError
+from .export import Artifact, load_model, load_pickle_learner, read_manifest
+from .images import is_image_name, squash
+
+
+def collect_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given (any extension: an unreadable one is reported per file), folders recursively."""
+    out: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name) and not f.name.startswith("."))
+            if not found:
+                raise DataError(f"{p}: folder holds no images (.jpg .jpeg .png .bmp .tif .tiff)")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not out:
+        raise DataError("no input images given")
+    return out
+
+
+class Predictor:
+    """Probabilities from uint8 grey arrays; the same preprocessing as validation in training."""
+
+    def __init__(self, art: Artifact, device: str = "cpu"):
+        import torch
+
+        self.art, self.classes, self.size = art, art.classes, art.size
+        self.device = torch.device(resolve_device(device))
+        self.model = load_model(art).to(self.device)
+
+    def preprocess(self, arrays: Sequence[np.ndarray]):
+        import torch
+
+        x = np.stack([squash(a, self.size) for a in arrays])[:, None]          # (B, 1, S, S) uint8
+        x = torch.from_numpy(x).to(self.device).float().div_(255.0)
+        return (x - self.art.mean) / self.art.std
+
+    def probs(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = self.preprocess(arrays)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = self.model(x)
+            else:
+                logits = self.model(x)
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+class PicklePredictor:
+    """fastai's own path: load_learner(model.pkl) + dls.test_dl + get_preds. Unpickling runs code."""
+
+    def __init__(self, art: Artifact, device: str = "cpu"):
+        self.art, self.classes, self.size = art, art.classes, art.size
+        self.learn = load_pickle_learner(art)
+        vocab = list(self.learn.dls.vocab)
+        if vocab != self.classes:
+            from .errors import ArtifactError
+
+            raise ArtifactError(f"{art.folder}: model.pkl classes {vocab} differ from the manifest's {self.classes}")
+
+    def probs_paths(self, paths: Sequence[str]) -> np.ndarray:
+        import pandas as pd
+
+        dl = self.learn.dls.test_dl(pd.DataFrame({"path": [str(p) for p in paths]}), bs=len(paths))
+        with self.learn.no_bar():
+            p, _ = self.learn.get_preds(dl=dl)
+        return p.float().numpy()
+
+
+def load_predictor(artifact: str | Path, cfg: PredictConfig):
+    art = read_manifest(artifact)
+    return PicklePredictor(art, cfg.device) if cfg.trust_pickle else Predictor(art, cfg.device)
+
+
+def iter_probs(pred, paths: Sequence[Path], cfg: PredictConfig) -> Iterator[tuple[Path, np.ndarray | None, str]]:
+    """(path, probabilities or None, error) for every path, in order, cfg.bs images at a time."""
+    names = [str(p) for p in paths]
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush():
+        idx = [i for i, _ in batch]
+        if isinstance(pred, PicklePredictor):
+            pr = pred.probs_paths([names[i] for i in idx])
+        else:
+            pr = pred.probs([a for _, a in batch])
+        for i, row in zip(idx, pr):
+            yield paths[i], row, ""
+        batch.clear()
+
+    for i, arr, err in decode_many(names, cfg.workers):
+        if arr is None:
+            yield from flush() if batch else ()
+            yield paths[i], None, err
+            continue
+        # shrink right away: a batch of full-size radiographs would cost far more memory
+        batch.append((i, arr if isinstance(pred, PicklePredictor) else squash(arr, pred.size)))
+        if len(batch) >= cfg.bs:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def rows(pred, paths: Sequence[Path], cfg: PredictConfig) -> Iterator[dict]:
+    classes = pred.classes
+    for p, pr, err in iter_probs(pred, paths, cfg):
+        row = {"path": str(p)}
+        if pr is None:
+            row["prediction"] = None
+            row.update({f"p_{c}": None for c in classes})
+            row["error"] = err
+        else:
+            row["prediction"] = classes[int(np.argmax(pr))]
+            row.update({f"p_{c}": float(v) for c, v in zip(classes, pr)})
+            row["error"] = ""
+        yield row
+
+
+@dataclass
+class PredictionResult:
+    classes: list[str]
+    rows: Iterable[dict]
+    n: int = 0
+    n_errors: int = 0
+
+
+def predict_paths(artifact: str | Path, inputs: Sequence[str | Path], cfg: PredictConfig = PredictConfig(),
+                  warn: Callable[[str], None] = lambda m: None) -> PredictionResult:
+    """Lazy: rows are computed while write_predictions consumes them."""
+    paths = collect_paths(inputs)
+    pred = load_predictor(artifact, cfg)
+    return PredictionResult(pred.classes, rows(pred, paths, cfg))
+
+
+def write_predictions(res: PredictionResult, out: Path | None, fmt: str = "csv") -> None:
+    """Stream rows to `out` (written under a temporary name, renamed at the end) or to stdout."""
+    from .fsutil import atomic_save_path
+
+    cols = ["path", "prediction", *[f"p_{c}" for c in res.classes], "error"]
+
+    def emit(f):
+        n = n_err = 0
+        if fmt == "csv":
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(cols)
+            for r in res.rows:
+                w.writerow(["" if r[c] is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in cols])
+                n += 1
+                n_err += bool(r["error"])
+        else:
+            f.write("[")
+            for r in res.rows:
+                f.write(("," if n else "") + "\n  " + json.dumps({c: r[c] for c in cols}, allow_nan=False))
+                n += 1
+                n_err += bool(r["error"])
+            f.write("\n]\n")
+        res.n, res.n_errors = n, n_err
+        if n == n_err:
+            raise DataError(f"none of the {n} input image(s) could be read"
+                            + ("" if out is None else f"; nothing written to {out}"))
+
+    if out is None:
+        emit(sys.stdout)
+        return
+    with atomic_save_path(Path(out)) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            emit(f)
