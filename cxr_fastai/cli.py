@@ -50,6 +50,11 @@ def _warn(msg: str) -> None:
     typer.echo(f"warning: {msg}", err=True)
 
 
+def _one_line(msg: object) -> str:
+    """An error message on one line: some library messages (pandas' parser errors) carry newlines."""
+    return " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+
+
 def _quiet_log(quiet: bool):
     return (lambda m: None) if quiet else _echo
 
@@ -69,7 +74,7 @@ def _errors(interrupt_hint: str = "") -> Iterator[None]:
     except CxrError as e:
         if _state["debug"]:
             raise
-        _echo(f"error: {e}")
+        _echo(f"error: {_one_line(e)}")
         raise typer.Exit(1)
     except KeyboardInterrupt:
         if _state["debug"]:
@@ -84,7 +89,7 @@ def _errors(interrupt_hint: str = "") -> Iterator[None]:
     except Exception as e:  # a bug of ours: still one line, the traceback with --debug
         if _state["debug"]:
             raise
-        _echo(f"error: unexpected {type(e).__name__}: {e} (this is a bug; rerun with --debug for the traceback)")
+        _echo(f"error: unexpected {type(e).__name__}: {_one_line(e)} (this is a bug; rerun with --debug for the traceback)")
         raise typer.Exit(1)
     finally:
         with contextlib.suppress(ValueError):

@@ -187,12 +187,22 @@ def load_model(art: Artifact):
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e}); re-export the model") from e
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(ks)} {what} (first: {ks[0]})" for ks, what in
+                 ((missing, "ResNet9 tensor(s) missing"), (unexpected, "unexpected tensor(s)"),
+                  (wrong, "tensor(s) of the wrong shape")) if ks]
+        raise ArtifactError(f"{path}: this is not a cxr-fastai model file for this manifest ({'; '.join(parts)}); "
+                            "re-export the model with `cxr-fastai export`")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
+        first = " ".join(str(e).split())
         raise ArtifactError(f"{path}: weights do not fit a ResNet9 of this manifest ({first}); "
-                            "this is not a cxr-fastai model file") from e
+                            "this is not a cxr-fastai model file; re-export the model") from e
     return model.eval()
 
 

@@ -160,6 +160,7 @@ def write_predictions(res: PredictionResult, out: Path | None, fmt: str = "csv")
 
     def emit(f):
         n = n_err = 0
+        first_err = ""
         if fmt == "csv":
             w = csv.writer(f, lineterminator="\n")
             w.writerow(cols)
@@ -167,17 +168,21 @@ def write_predictions(res: PredictionResult, out: Path | None, fmt: str = "csv")
                 w.writerow(["" if r[c] is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in cols])
                 n += 1
                 n_err += bool(r["error"])
+                first_err = first_err or r["error"]
         else:
             f.write("[")
             for r in res.rows:
                 f.write(("," if n else "") + "\n  " + json.dumps({c: r[c] for c in cols}, allow_nan=False))
                 n += 1
                 n_err += bool(r["error"])
+                first_err = first_err or r["error"]
             f.write("\n]\n")
         res.n, res.n_errors = n, n_err
         if n == n_err:
-            raise DataError(f"none of the {n} input image(s) could be read"
-                            + ("" if out is None else f"; nothing written to {out}"))
+            # name the first offending file (its error starts with its path) and what to do
+            raise DataError(f"none of the {n} input image(s) could be read (first: {first_err})"
+                            + ("" if out is None else f"; nothing written to {out}")
+                            + "; give readable image files (.jpg .jpeg .png .bmp .tif .tiff)")
 
     if out is None:
         emit(sys.stdout)
