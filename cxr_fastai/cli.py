@@ -55,6 +55,18 @@ def _one_line(msg: object) -> str:
     return " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
 
 
+def _out_file(path: Optional[Path], opt: str, example: str) -> None:
+    """An output FILE option must not name an existing folder (checked before any work is done)."""
+    if path is not None and path.is_dir():
+        raise CxrError(f"{path}: is a folder; give a file path for {opt} (e.g. {path / example})")
+
+
+def _out_folder(path: Optional[Path], opt: str) -> None:
+    """An output FOLDER option must not name an existing file (it would be replaced by a folder)."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise CxrError(f"{path}: exists and is a file; give a folder path for {opt}")
+
+
 def _quiet_log(quiet: bool):
     return (lambda m: None) if quiet else _echo
 
@@ -139,6 +151,7 @@ def train(
     cfg = TrainConfig(data=str(data or ""), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
                       seed=seed, min_scale=min_scale, device=device.value, workers=workers)
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
+        _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),
                         log=_quiet_log(quiet), warn=_warn)
     b = res.best
@@ -160,6 +173,7 @@ def interpret(
     from .interpret import interpret_run
 
     with _errors():
+        _out_folder(out, "--out")
         rep = interpret_run(run, k=k, out=out, device=device.value, force=force)
     typer.echo(f"report: {rep.folder}")
     for f in rep.files:
@@ -196,6 +210,7 @@ def predict(
 
     cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle)
     with _errors():
+        _out_file(out, "--out", f"predictions.{fmt.value}")
         if trust_pickle:
             _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
                   "use it only for artifacts you made or trust")
@@ -226,6 +241,7 @@ def evaluate(
     if split not in ("train", "valid", "test"):
         raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
     with _errors():
+        _out_file(out, "--out", "metrics.json")
         res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value),
                             warn=_warn)
         if out is not None:

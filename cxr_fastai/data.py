@@ -90,7 +90,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     for c in ("source", "patient_id", "group"):
-        df[c] = df[c].fillna("").astype(str)
+        df[c] = df[c].astype(object).fillna("").astype(str)  # all-missing columns are float NaN
     return df
 
 
@@ -117,15 +117,25 @@ def _from_class_folders(root: Path, valid_pct: float, seed: int) -> Dataset:
             rows.append(dict(path=str(p), label=cdir.name, split=""))
     df = _frame(rows)
     if len(df):
-        df["split"] = _random_split(len(df), valid_pct, seed)
+        df["split"] = _random_split(df.label.tolist(), valid_pct, seed)
     return Dataset(root, "class-folders", df, split_given=False)
 
 
-def _random_split(n: int, valid_pct: float, seed: int) -> list[str]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_valid = max(1, int(round(n * valid_pct))) if n > 1 else 0
-    split = np.array(["train"] * n, dtype=object)
-    split[order[:n_valid]] = "valid"
+def _random_split(labels: Sequence[str], valid_pct: float, seed: int) -> list[str]:
+    """Seeded split, stratified by class: each class keeps at least one training image (a class with a
+    single image stays in train), and some class with 2+ images gives at least one validation item."""
+    labels = np.asarray(labels, dtype=object)
+    rng = np.random.default_rng(seed)
+    split = np.array(["train"] * len(labels), dtype=object)
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == c)
+        k = min(int(round(len(idx) * valid_pct)), len(idx) - 1)
+        split[rng.permutation(idx)[:k]] = "valid"
+    counts = {c: int((labels == c).sum()) for c in sorted(set(labels.tolist()))}
+    if not (split == "valid").any() and max(counts.values(), default=0) > 1:
+        # every class rounded to 0: hold out one item of the largest class
+        c = max(counts, key=counts.get)
+        split[rng.choice(np.flatnonzero(labels == c))] = "valid"
     return split.tolist()
 
 
@@ -212,11 +222,14 @@ def group_split(patient_ids: Sequence[str], groups: Sequence[str], valid_pct: fl
     for comp in order:
         if taken >= target:
             break
-        if taken + len(comp) > target * 1.5 and taken > 0:
-            continue  # a huge component would overshoot: try smaller ones
+        if taken + len(comp) > target * 1.5:
+            continue  # a huge component would overshoot (even as the first one): try smaller ones
         for i in comp:
             split[i] = "valid"
         taken += len(comp)
+    if taken == 0 and len(order) > 1:
+        for i in min(order, key=len):  # every component overshoots: hold out the smallest one
+            split[i] = "valid"
     return split
 
 

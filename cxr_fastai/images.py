@@ -6,7 +6,6 @@ composited on black, EXIF orientation is applied and palette/CMYK images are con
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +54,21 @@ def read_grey(path: str | Path) -> np.ndarray:
     """Decode one image file to a (H, W) uint8 array, or raise ImageReadError naming the file."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            # Pillow's DecompressionBombWarning (between 1x and 2x its pixel limit) becomes an error too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
-                img.load()
-                arr = _to_grey(img)
+        with Image.open(path) as img:
+            # Pillow raises above 2x MAX_IMAGE_PIXELS and only warns between 1x and 2x: refuse those too.
+            # Checked here, not with warnings.catch_warnings(), which is not thread-safe (decode_many runs
+            # this in threads: the filter could be lost for one thread and leaked into the process).
+            w, h = img.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:
+                raise ImageReadError(f"{path}: image too large ({w}x{h} = {w * h:,} pixels); "
+                                     f"resize it below {limit:,} pixels")
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            arr = _to_grey(img)
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: image too large ({e}); resize it below {Image.MAX_IMAGE_PIXELS:,} pixels") from e
-    except Image.DecompressionBombWarning as e:
+    except Image.DecompressionBombWarning as e:  # when warnings are errors (python -W error)
         raise ImageReadError(f"{path}: image too large ({e}); resize it") from e
     except IsADirectoryError as e:
         raise ImageReadError(f"{path}: is a folder, not an image") from e

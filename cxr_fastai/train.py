@@ -5,7 +5,7 @@ A run folder holds everything needed to resume, interpret or export without the 
   run.json          class order, pixel stats, layout, counts, best epoch and its validation metrics
   items.csv         the train/valid images actually used (unreadable ones left out)
   skipped.csv       unreadable images: path,error
-  history.csv       one row per epoch (fastai CSVLogger)
+  history.csv       one row per epoch: losses, metrics, seconds
   checkpoints/      best.pth (weights of the best epoch), last.pth (weights + optimizer + epoch)
   learner.pkl       fastai `learn.export` of the best model, written when training finishes
 """
@@ -90,32 +90,41 @@ def _callbacks():
     from fastai.callback.core import Callback
 
     class RunCheckpoint(Callback):
-        """After each epoch: keep the best epoch's weights (by validation balanced accuracy) and the
-        last epoch's weights + optimizer state, each written atomically."""
-        order = 61  # after Recorder (fills recorder.values) and CSVLogger (writes the epoch's row)
+        """After each epoch: keep the best epoch's weights (by validation balanced accuracy), the last
+        epoch's weights + optimizer state, and history.csv, each written atomically. Epochs that
+        fastai's SkipToEpoch skips on --resume are ignored."""
+        order = 61  # after Recorder, which fills recorder.values
 
-        def __init__(self, info: RunInfo, best_score: float, best_epoch: int, log: Log):
-            self.info, self.best_score, self.best_epoch, self.log = info, best_score, best_epoch, log
+        def __init__(self, info: RunInfo, start_epoch: int, best_score: float, best_epoch: int):
+            self.info, self.start_epoch = info, start_epoch
+            self.best_score, self.best_epoch = best_score, best_epoch
+            self.history = _read_history(info.path / "history.csv", start_epoch)
 
         def after_epoch(self):
             import torch
 
+            if self.epoch < self.start_epoch:
+                return
             names = self.learn.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
-            vals = dict(zip(names, self.learn.recorder.values[-1]))
-            score = float(vals.get(BEST_METRIC, float("nan")))
+            vals = {n: float(v) for n, v in zip(names, self.learn.recorder.values[-1])}
+            score = vals.get(BEST_METRIC, float("nan"))
             model_sd = {k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()}
             if not math.isnan(score) and score > self.best_score:
                 self.best_score, self.best_epoch = score, self.epoch
                 with atomic_save_path(self.info.best_path) as tmp:
                     torch.save(model_sd, tmp)
-                self.info.meta["best"] = {"epoch": self.epoch + 1, **{k: float(v) for k, v in vals.items()}}
+                self.info.meta["best"] = {"epoch": self.epoch + 1, **vals}
             with atomic_save_path(self.info.last_path) as tmp:
                 torch.save({"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
                             "best_score": self.best_score, "best_epoch": self.best_epoch}, tmp)
+            self.history.append({"epoch": self.epoch + 1, **vals,
+                                 "seconds": round(time.perf_counter() - self.t_epoch, 2)})
+            atomic_write_text(self.info.path / "history.csv", pd.DataFrame(self.history).to_csv(index=False))
             self.info.meta["epochs_done"] = self.epoch + 1
-            if getattr(self.learn, "csv_logger", None) is not None:
-                self.learn.csv_logger.file.flush()  # history.csv readable while training runs
             write_json(self.info.path / "run.json", self.info.meta)
+
+        def before_epoch(self):
+            self.t_epoch = time.perf_counter()
 
     class Eta(Callback):
         """Log an estimate of the whole run's time after a few batches; warn past an hour."""
@@ -151,16 +160,25 @@ def _callbacks():
         """One line per epoch through `log` when fastai's progress table is off."""
         order = 65
 
-        def __init__(self, log: Log):
-            self.log = log
+        def __init__(self, log: Log, start_epoch: int):
+            self.log, self.start_epoch = log, start_epoch
 
         def after_epoch(self):
+            if self.epoch < self.start_epoch:
+                return
             names = self.learn.recorder.metric_names[1:-1]
             vals = self.learn.recorder.values[-1]
             parts = [f"{n}={v:.4f}" for n, v in zip(names, vals)]
             self.log(f"epoch {self.epoch + 1}/{self.n_epoch}: " + " ".join(parts))
 
     return RunCheckpoint, Eta, EpochLog
+
+
+def _read_history(path: Path, epochs_done: int) -> list[dict]:
+    """Rows of earlier epochs (on resume), cut to the epochs the last checkpoint holds."""
+    if epochs_done == 0 or not path.is_file():
+        return []
+    return pd.read_csv(path).head(epochs_done).to_dict("records")
 
 
 def _fmt_s(s: float) -> str:
@@ -229,7 +247,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
           log: Log = _noop, warn: Log = _noop) -> TrainResult:
     import torch
     import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
-    from fastai.callback.progress import CSVLogger
     from fastai.torch_core import set_seed
 
     t_start = time.perf_counter()
@@ -297,11 +314,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         start_epoch, best_score, best_epoch = ck["epochs_done"], ck["best_score"], ck["best_epoch"]
         log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}")
     RunCheckpoint, Eta, EpochLog = _callbacks()
-    cbs = [RunCheckpoint(info, best_score, best_epoch, log), CSVLogger("history.csv", append=resume)]
+    cbs = [RunCheckpoint(info, start_epoch, best_score, best_epoch)]
     if device == "cpu":
         cbs.append(Eta(log, warn, cfg.epochs - start_epoch))
     if not progress:
-        cbs.append(EpochLog(log))
+        cbs.append(EpochLog(log, start_epoch))
     if start_epoch < cfg.epochs:
         if progress:
             learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
@@ -322,16 +339,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
 
 def export_learner(learn, dest: Path) -> None:
     """fastai `learn.export` with only picklable, reusable callbacks and no data (dls.new_empty)."""
-    from fastai.callback.progress import CSVLogger
-
     learn.model.cpu()
-    keep = [cb for cb in learn.cbs if type(cb).__module__.startswith("fastai.")
-            and not isinstance(cb, CSVLogger)]
+    keep = [cb for cb in learn.cbs if type(cb).__module__.startswith("fastai.")]
     removed = [cb for cb in learn.cbs if cb not in keep]
     learn.remove_cbs(removed)
     try:
         with atomic_save_path(dest) as tmp:
-            learn.export(tmp)
+            learn.export(Path(tmp).absolute())  # fastai prefixes learn.path to a relative name
     finally:
         learn.add_cbs(removed)
 

@@ -69,8 +69,8 @@ def test_same_seed_gives_the_same_numbers_on_cpu(run, data, tmp_path):
     again = tmp_path / "again"
     r = run_cli("train", data, "--run", again, "--size", 32, "--epochs", 2, "--bs", 32, "--quiet")
     assert r.returncode == 0, r.stderr
-    a = pd.read_csv(run / "history.csv").drop(columns="time")
-    b = pd.read_csv(again / "history.csv").drop(columns="time")
+    a = pd.read_csv(run / "history.csv").drop(columns="seconds")
+    b = pd.read_csv(again / "history.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b)
 
 
