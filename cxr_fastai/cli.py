@@ -33,6 +33,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class DataPath(str, Enum):
+    cached = "cached"
+    pil = "pil"
+
+
 class Format(str, Enum):
     csv = "csv"
     json = "json"
@@ -136,7 +141,9 @@ def train(
     seed: int = typer.Option(D.seed, min=0, help="Seed: the same seed gives the same numbers on CPU."),
     min_scale: float = typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
     device: Device = typer.Option(Device(D.device), help="Where to train."),
-    workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes."),
+    workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
+    data_path: DataPath = typer.Option(DataPath(D.data_path), "--data-path", help="cached: decode once, augment per batch on the device; pil: fastai per-item transforms."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between runs (keyed by file content and size)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
@@ -149,7 +156,8 @@ def train(
     if data is None and not resume:
         raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
     cfg = TrainConfig(data=str(data or ""), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
-                      seed=seed, min_scale=min_scale, device=device.value, workers=workers)
+                      seed=seed, min_scale=min_scale, device=device.value, workers=workers,
+                      data_path=data_path.value, cache_dir=str(cache_dir or ""))
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
         _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),

@@ -27,6 +27,8 @@ class TrainConfig:
     workers: int = 0               # DataLoader workers; 0 is fastest on a 2-core machine
     device: str = "auto"           # auto | cpu | cuda
     stats_limit: int = 20_000      # images used for the pixel mean/std (seeded sample when more)
+    data_path: str = "cached"      # cached: decode once, crop/normalise per batch on the device | pil: fastai per-item
+    cache_dir: str = ""            # keep the decoded cache here between runs ("" = in memory only)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -203,7 +203,10 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
                     metrics=[accuracy, BalancedAccuracy()], cbs=[GradientClip(cfg.clip)],
                     path=path or Path("."), model_dir="checkpoints")
     if str(dls.device).startswith("cuda"):
-        learn.to_bf16()
+        import torch
+
+        learn.model.to(memory_format=torch.channels_last)
+        learn.to_bf16()  # bf16 autocast: no grad-scaler syncs (fp16's to_fp16 syncs twice per step)
     return learn
 
 
@@ -303,7 +306,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
 
     device = resolve_device(cfg.device)
     set_seed(cfg.seed, reproducible=True)
-    dls = build_dls(items, info.classes, info.stats, cfg, device)
+    dls = make_dls(items, info, cfg, device, log)
     learn = make_learner(cfg, dls, len(info.classes), path=run)
     start_epoch, best_score, best_epoch = 0, -math.inf, -1
     if resume:
@@ -328,6 +331,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
                 learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
     # keep the best epoch: its weights become the run's model and learner.pkl
     learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
+    if cfg.data_path != "pil":
+        # the pickle carries the DataBlock pipeline (PIL path), which fastai's test_dl needs
+        learn.dls = build_dls(items, info.classes, info.stats, cfg.replace(workers=0), "cpu")
     export_learner(learn, run / "learner.pkl")
     info.meta["finished"] = True
     write_json(run / "run.json", info.meta)
@@ -335,6 +341,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     return TrainResult(run=run, best_epoch=int(best.get("epoch", 0)), best=best,
                        n_train=int((items.split == "train").sum()), n_valid=int((items.split == "valid").sum()),
                        skipped=skipped_n, seconds=time.perf_counter() - t_start)
+
+
+def make_dls(items: pd.DataFrame, info: RunInfo, cfg: TrainConfig, device: str, log: Log = _noop):
+    if cfg.data_path == "pil":
+        return build_dls(items, info.classes, info.stats, cfg, device)
+    from .fastpath import build_cached_dls
+
+    t0 = time.perf_counter()
+    dls = build_cached_dls(items, info.classes, info.stats, cfg, device, cache_dir=cfg.cache_dir or None)
+    log(f"image cache ready in {time.perf_counter() - t0:.1f} s ({dls.train.n} train, {dls.valid.n} valid, "
+        f"train side {dls.train.x.shape[-1]} px, on {device})")
+    return dls
 
 
 def export_learner(learn, dest: Path) -> None:

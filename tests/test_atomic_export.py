@@ -1,0 +1,249 @@
+"""A process killed at any point of an export leaves the artifact folder wholly old or wholly new.
+
+`export_run` builds the artifact in a sibling temporary folder (`.NAME.new-*`) and swaps it in with two
+renames (old -> `.NAME.old`, new -> NAME). Each case below runs a real export in a fresh process that
+SIGKILLs itself right after one file-system step, over an existing older artifact, then checks what a
+reader sees, that a re-export without --force refuses and touches nothing, and that a forced re-export
+succeeds and leaves no stray temporary or aside folders.
+
+One tiny model is trained (16 px, 1 epoch, 12 synthetic images); the "new" run is a copy of it with
+perturbed best-checkpoint weights, so old and new artifacts differ in every file but the pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+MANIFEST, WEIGHTS, PICKLE = "manifest.json", "model.safetensors", "model.pkl"
+
+# Runs export_run(RUN, DEST, force=True) and SIGKILLs itself right after the step named by POINT.
+# Only steps on the export's own paths (inside DEST's temporary folder, or the swap renames) trigger.
+KILL_SCRIPT = r'''
+import os, pathlib, shutil, signal, sys
+
+import safetensors.torch
+
+from cxr_fastai import export, fsutil
+
+point, run, dest = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+tmp_prefix, aside_name = f".{dest.name}.new-", f".{dest.name}.old"
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_tmp(p, name):
+    p = pathlib.Path(p)
+    return p.name == name and p.parent.parent == dest.parent and p.parent.name.startswith(tmp_prefix)
+
+
+real_copyfile, real_save_file = shutil.copyfile, safetensors.torch.save_file
+real_write_text, real_replace = pathlib.Path.write_text, os.replace
+
+
+def copyfile(src, dst, *a, **k):
+    if point == "mid-pickle" and in_tmp(dst, "model.pkl"):  # half the bytes on disk, then dead
+        data = pathlib.Path(src).read_bytes()
+        with open(dst, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        die()
+    out = real_copyfile(src, dst, *a, **k)
+    if point == "pickle" and in_tmp(dst, "model.pkl"):
+        die()
+    return out
+
+
+def save_file(tensors, filename, *a, **k):
+    out = real_save_file(tensors, filename, *a, **k)
+    if point == "weights" and in_tmp(filename, "model.safetensors"):
+        die()
+    return out
+
+
+def write_text(self, *a, **k):
+    out = real_write_text(self, *a, **k)
+    if point == "manifest" and in_tmp(self, "manifest.json"):
+        die()
+    return out
+
+
+def replace(src, dst, *a, **k):
+    out = real_replace(src, dst, *a, **k)
+    s, d = pathlib.Path(src), pathlib.Path(dst)
+    if point == "aside" and s == dest and d == dest.with_name(aside_name):
+        die()  # old renamed aside, new not yet in place: DEST is absent on disk
+    if point == "swapped" and d == dest and s.name.startswith(tmp_prefix):
+        die()  # new in place, old aside folder not yet deleted
+    return out
+
+
+shutil.copyfile = copyfile                   # export.py calls shutil.copyfile(...)
+safetensors.torch.save_file = save_file      # export_run imports it at call time, after this
+pathlib.Path.write_text = write_text         # (tmp / MANIFEST).write_text(...)
+fsutil.os.replace = replace                  # the swap renames in fsutil.atomic_folder
+export.export_run(run, dest, force=True)
+print("export finished: the kill point was never reached")
+sys.exit(3)
+'''
+
+# point -> (what the folder must hold right after the kill, before any reader or exporter recovers it)
+POINTS = {
+    "mid-pickle": "old",   # model.pkl half copied into the temporary folder
+    "pickle": "old",       # after model.pkl is copied
+    "weights": "old",      # after model.safetensors is written
+    "manifest": "old",     # after manifest.json is written (the temporary folder is complete)
+    "aside": "absent",     # after the old folder is renamed aside, before the new one is renamed in
+    "swapped": "new",      # after the swap, before the aside folder is deleted
+}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def fingerprint(folder: Path) -> dict:
+    """What tells one export from another: file hashes, and the manifest minus its timestamp."""
+    m = json.loads((folder / MANIFEST).read_text())
+    m.pop("created")
+    return {WEIGHTS: sha(folder / WEIGHTS), PICKLE: sha(folder / PICKLE), MANIFEST: m}
+
+
+def strays(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}."))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch
+
+    from cxr_fastai.export import export_run
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    base = tmp_path_factory.mktemp("atomic_export")
+    ds = make_synthetic_dataset(base / "ds", {"train": 4, "valid": 2}, size=32)
+    run_a, run_b = base / "run_a", base / "run_b"
+    res = run_cli("train", ds, "--run", run_a, "--size", 16, "--epochs", 1, "--bs", 4, "--device", "cpu",
+                  "--workers", 0, "-q")
+    assert res.returncode == 0, res.stderr
+    # the "new" run: the same run with different best weights
+    shutil.copytree(run_a, run_b)
+    best = run_b / "checkpoints" / "best.pth"
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 1.0
+    torch.save(state, best)
+
+    old, new = base / "old_ref", base / "new_ref"
+    export_run(run_a, old)
+    export_run(run_b, new)
+    fp_old, fp_new = fingerprint(old), fingerprint(new)
+    assert fp_old[WEIGHTS] != fp_new[WEIGHTS] and fp_old[MANIFEST] != fp_new[MANIFEST]
+    return {"a": run_a, "b": run_b, "old": old, "old_bytes": snapshot(old), "fp_old": fp_old, "fp_new": fp_new}
+
+
+def existing_old(runs, tmp_path: Path) -> Path:
+    """An older artifact already at the destination (a byte copy of the run-A export)."""
+    dest = tmp_path / "out" / "art"
+    dest.parent.mkdir()
+    shutil.copytree(runs["old"], dest)
+    return dest
+
+
+def whole(runs, dest: Path) -> str:
+    """'old' or 'new', after checking the folder is a complete, self-consistent, loadable artifact."""
+    from cxr_fastai.export import load_model, read_manifest, verify_file
+
+    art = read_manifest(dest)                     # readers recover an interrupted swap
+    assert sorted(p.name for p in dest.iterdir()) == sorted([MANIFEST, WEIGHTS, PICKLE])
+    for name in (WEIGHTS, PICKLE):
+        verify_file(art, name)                    # manifest hashes match the files
+    load_model(art)
+    fp = fingerprint(dest)
+    if fp == runs["fp_old"]:
+        assert snapshot(dest) == runs["old_bytes"], "old artifact changed"
+        return "old"
+    if fp == runs["fp_new"]:
+        return "new"
+    pytest.fail(f"{dest} is a mix of the old and new artifacts: {fp}")
+
+
+def kill_export(run: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_SCRIPT, point, str(run), str(dest)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_killed_export_leaves_old_or_new(runs, tmp_path, point):
+    from cxr_fastai.errors import ArtifactError
+    from cxr_fastai.export import export_run
+
+    dest = existing_old(runs, tmp_path)
+    res = kill_export(runs["b"], dest, point)
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stdout, res.stderr)
+
+    # on disk, before anyone recovers anything
+    expect = POINTS[point]
+    aside = dest.with_name(f".{dest.name}.old")
+    if expect == "absent":
+        assert not dest.exists() and aside.is_dir()
+        assert snapshot(aside) == runs["old_bytes"]
+        expect = "old"                            # what a reader must see once it has recovered the swap
+    else:
+        assert dest.is_dir()
+        assert strays(dest), "the kill left no temporary or aside folder: did the hook fire at the right step?"
+    assert whole(runs, dest) == expect
+
+    # without --force an export refuses and leaves the folder byte-identical
+    before = snapshot(dest)
+    with pytest.raises(ArtifactError, match="--force"):
+        export_run(runs["b"], dest)
+    assert snapshot(dest) == before and whole(runs, dest) == expect
+
+    # a forced export after the crash succeeds and cleans up
+    export_run(runs["b"], dest, force=True)
+    assert whole(runs, dest) == "new"
+    assert strays(dest) == []
+
+
+def test_cli_export_without_force_keeps_old_files(runs, tmp_path):
+    dest = existing_old(runs, tmp_path)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    res = run_cli("export", runs["b"], "--to", dest)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "--force" in res.stderr and "Traceback" not in res.stderr
+    assert snapshot(dest) == runs["old_bytes"]
+    assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes
+    assert strays(dest) == []
+
+
+def test_cli_predict_recovers_a_swap_cut_between_its_renames(runs, tmp_path):
+    """The reader path end to end: `predict` on an artifact whose swap was killed mid-way."""
+    dest = existing_old(runs, tmp_path)
+    assert kill_export(runs["b"], dest, "aside").returncode == -signal.SIGKILL
+    assert not dest.exists()
+    img = next((runs["a"].parent / "ds" / "valid").rglob("*.png"))
+    out = tmp_path / "pred.csv"
+    res = run_cli("predict", dest, img, "--out", out, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert out.read_text().count("\n") == 2
+    assert whole(runs, dest) == "old" and strays(dest) == []
