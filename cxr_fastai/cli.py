@@ -278,3 +278,30 @@ def demo(
 
 def main() -> None:
     app()
+
+
+@app.command()
+def bench(
+    data: Path = typer.Argument(..., help="Dataset root (any layout train accepts)."),
+    device: Device = typer.Option(Device.auto, help="cpu or cuda (auto picks cuda when available)."),
+    size: int = typer.Option(64, min=16, max=1024, help="Image side in px."),
+    epochs: int = typer.Option(3, min=1, max=1000, help="Epochs per counted run."),
+    limit: int = typer.Option(0, min=0, help="Training images (0: 2,048 on CPU, all on CUDA)."),
+    bs: int = typer.Option(256, min=1, max=8192, help="Batch size."),
+    target_acc: float = typer.Option(0.0, "--target-acc", min=0.0, max=1.0, help="Validation accuracy for time-to-target (0: 0.95 on CUDA, 0.85 on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Training img/s of the fastai path vs a fair plain-PyTorch loop (same data, model, recipe), and predict img/s."""
+    import json
+
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(data=str(data), device=device.value, size=size, epochs=epochs, limit=limit, bs=bs,
+                      target_acc=target_acc)
+    with _errors():
+        res = run_bench(cfg, log=_echo)
+    if as_json:
+        typer.echo(json.dumps(res))
+    else:
+        for k, v in res.items():
+            typer.echo(f"{k:>24}: {v}")

@@ -5,6 +5,7 @@ Reading never unpickles: weights come from safetensors, checked against the mani
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -114,6 +115,10 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
 
 def read_manifest(folder: str | Path) -> Artifact:
     folder = Path(folder)
+    if not folder.exists():
+        # an export killed between its two renames leaves only FOLDER's aside copy: put it back
+        with contextlib.suppress(OSError):  # read-only location, or another process got there first
+            recover_folder(folder, drop_temps=False)
     if not folder.exists():
         raise ArtifactError(f"{folder}: no such artifact folder; make one with `cxr-fastai export RUN --to {folder}`")
     if not folder.is_dir():

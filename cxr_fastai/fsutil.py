@@ -93,15 +93,20 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def recover_folder(dest: Path) -> None:
-    """Undo a swap that was cut between its two renames, and drop abandoned temporary folders."""
+def recover_folder(dest: Path, drop_temps: bool = True) -> None:
+    """Undo a swap that was cut between its two renames, and drop abandoned temporary folders.
+
+    Readers pass drop_temps=False: they only put a lone aside folder back, and leave `.NAME.new-*`
+    folders alone (one may belong to an export in progress); the next export removes them.
+    """
     dest = Path(dest)
     aside = dest.with_name(f".{dest.name}.old")
     if aside.exists():
         if dest.exists():
-            shutil.rmtree(aside, ignore_errors=True)
+            if drop_temps:
+                shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(aside, dest)
-    if dest.parent.exists():
+    if drop_temps and dest.parent.exists():
         for stale in dest.parent.glob(f".{dest.name}.new-*"):
             shutil.rmtree(stale, ignore_errors=True)

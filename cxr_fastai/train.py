@@ -191,17 +191,62 @@ def _fmt_s(s: float) -> str:
 
 # ------------------------------------------------------------------------------------------ learner
 
+def decay_groups(model) -> list[list]:
+    """fastai splitter: [weights that decay, BN weights and biases that don't]."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [decay, no_decay]
+
+
+def _no_decay_callback():
+    from fastai.callback.core import Callback
+
+    class NoDecayOnNormBias(Callback):
+        """fit() sets one weight decay for every group; the torch AdamW's second group (BN weights,
+        biases) must have none, as fastai's own Adam does with wd_bn_bias=False."""
+        order = -5
+
+        def before_fit(self):
+            pgs = getattr(self.learn.opt, "opt", None)
+            if pgs is not None and len(pgs.param_groups) > 1:
+                pgs.param_groups[1]["weight_decay"] = 0.0
+
+    return NoDecayOnNormBias
+
+
+def make_opt_func(kind: str, cuda: bool):
+    from functools import partial
+
+    if kind == "fastai":
+        from fastai.optimizer import Adam
+
+        return Adam
+    import torch
+    from fastai.optimizer import OptimWrapper
+
+    # one multi-tensor (foreach) or fused kernel per step instead of a Python loop over parameters;
+    # eps and betas as fastai's Adam; AdamW's weight decay is decoupled like fastai's true_wd
+    return partial(OptimWrapper, opt=torch.optim.AdamW, eps=1e-5, **({"fused": True} if cuda else {"foreach": True}))
+
+
 def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None):
     from fastai.callback.training import GradientClip
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import BalancedAccuracy, accuracy
-    from fastai.optimizer import Adam
 
+    cuda = str(dls.device).startswith("cuda")
     model = ResNet9(n_in=1, n_out=n_classes, widths=cfg.widths)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, wd=cfg.wd,
-                    metrics=[accuracy, BalancedAccuracy()], cbs=[GradientClip(cfg.clip)],
-                    path=path or Path("."), model_dir="checkpoints")
+    cbs = [GradientClip(cfg.clip)]
+    extra = {}
+    if cfg.opt != "fastai":
+        cbs.append(_no_decay_callback()())
+        extra["splitter"] = decay_groups
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=make_opt_func(cfg.opt, cuda), wd=cfg.wd,
+                    metrics=[accuracy, BalancedAccuracy()], cbs=cbs, path=path or Path("."),
+                    model_dir="checkpoints", **extra)
     if str(dls.device).startswith("cuda"):
         import torch
 
