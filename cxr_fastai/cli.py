@@ -38,6 +38,11 @@ class DataPath(str, Enum):
     pil = "pil"
 
 
+class OptKind(str, Enum):
+    adamw = "adamw"
+    fastai = "fastai"
+
+
 class Format(str, Enum):
     csv = "csv"
     json = "json"
@@ -144,6 +149,8 @@ def train(
     workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
     data_path: DataPath = typer.Option(DataPath(D.data_path), "--data-path", help="cached: decode once, augment per batch on the device; pil: fastai per-item transforms."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between runs (keyed by file content and size)."),
+    opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
+    compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
@@ -157,7 +164,7 @@ def train(
         raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
     cfg = TrainConfig(data=str(data or ""), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
                       seed=seed, min_scale=min_scale, device=device.value, workers=workers,
-                      data_path=data_path.value, cache_dir=str(cache_dir or ""))
+                      data_path=data_path.value, cache_dir=str(cache_dir or ""), compile=compile_model, opt=opt.value)
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
         _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),

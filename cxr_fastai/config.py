@@ -29,6 +29,7 @@ class TrainConfig:
     stats_limit: int = 20_000      # images used for the pixel mean/std (seeded sample when more)
     data_path: str = "cached"      # cached: decode once, crop/normalise per batch on the device | pil: fastai per-item
     cache_dir: str = ""            # keep the decoded cache here between runs ("" = in memory only)
+    compile: bool = False          # torch.compile the model (exports still hold the plain module)
     opt: str = "adamw"             # adamw: torch AdamW, foreach (CPU) / fused (CUDA) | fastai: fastai's Adam (per-param loop)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,11 @@ class Interpretation:
     most_confused: pd.DataFrame    # actual, predicted, count
     accuracy: float
     n: int
+    y: np.ndarray = None           # (N,) actual class indices, validation order
+    probs: np.ndarray = None       # (N, C) softmax probabilities
+    paths: list = None             # (N,) image paths
+    metrics: dict = None           # metrics.compute_metrics(...).to_dict(): intervals, AUC, calibration
+    cams: dict = None              # path -> (size, size) float map in [0, 1] (Grad-CAM of the predicted class)
 
 
 @dataclass
@@ -56,7 +61,128 @@ def compute(learn, k: int = 16) -> Interpretation:
     pairs = [(classes[a], classes[b], int(cm[a, b])) for a in range(c) for b in range(c) if a != b and cm[a, b] > 0]
     mc = pd.DataFrame(sorted(pairs, key=lambda t: -t[2]), columns=["actual", "predicted", "count"])
     n = int(cm.sum())
-    return Interpretation(classes, cm, top, mc, float(np.trace(cm) / max(n, 1)), n)
+    from .metrics import compute_metrics
+
+    y = targs.long().numpy()
+    p = probs.numpy()
+    metrics = compute_metrics(y, p, classes, n_boot=500, seed=0).to_dict()
+    interp_ = Interpretation(classes, cm, top, mc, float(np.trace(cm) / max(n, 1)), n, y, p,
+                             [str(x) for x in items["path"]], metrics)
+    interp_.cams = grad_cams(learn.model, _cam_paths(interp_), learn.dls.valid, classes)
+    return interp_
+
+
+def _cam_paths(interp: "Interpretation", per_class: int = 2) -> list[str]:
+    """Top-loss images plus a few correctly classified ones per class."""
+    chosen = list(interp.top_losses.path)
+    pred = interp.probs.argmax(1)
+    for c in range(len(interp.classes)):
+        ok = np.flatnonzero((interp.y == c) & (pred == c))
+        # the most confident correct ones: what the model looks at when it is sure
+        ok = ok[np.argsort(-interp.probs[ok, c])][:per_class]
+        chosen += [interp.paths[i] for i in ok]
+    return list(dict.fromkeys(chosen))
+
+
+def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
+    """Grad-CAM (Selvaraju et al. 2017) on ResNet9's last feature map for the predicted class.
+
+    Each image goes through the validation preprocessing (squash to size, /255, the run's mean/std).
+    With ResNet9's global max pool the channel weights are the head's weights spread over the map, so
+    the map shows where each channel's evidence lies."""
+    import torch
+    import torch.nn.functional as F
+
+    from .images import read_grey, squash
+
+    norm = _normaliser(dl)
+    size = _input_size(dl)
+    model = getattr(model, "_orig_mod", model)
+    was_training = model.training
+    model.eval().float()
+    dev = next(model.parameters()).device
+    out: dict[str, np.ndarray] = {}
+    for p in paths:
+        x = torch.from_numpy(squash(read_grey(p), size).astype(np.float32) / 255.0)[None, None].to(dev)
+        x = norm(x)
+        feats = model.forward_features(x).detach().requires_grad_(True)   # (1, C, h, w)
+        logits = model.head(feats.amax((2, 3)))
+        c = int(logits.argmax(1))
+        (g,) = torch.autograd.grad(logits[0, c], feats)
+        w = g.mean((2, 3), keepdim=True)                                   # (1, C, 1, 1)
+        cam = F.relu((w * feats).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        cam = cam / cam.max().clamp(min=1e-8)
+        out[p] = cam.detach().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def _input_size(dl) -> int:
+    if hasattr(dl, "size"):
+        return int(dl.size)
+    x, _ = dl.one_batch()
+    return int(x.shape[-1])
+
+
+def _normaliser(dl):
+    """The same normalisation as the run's validation batches (fastai Normalize or the cached path's)."""
+    if hasattr(dl, "stats"):
+        m, s = dl.stats.mean, dl.stats.std
+    else:
+        from fastai.data.transforms import Normalize
+
+        nm = [t for t in dl.after_batch.fs if isinstance(t, Normalize)][0]
+        m, s = float(nm.mean.flatten()[0]), float(nm.std.flatten()[0])
+    return lambda x: (x - m) / s
+
+
+def roc_figure(interp: Interpretation):
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    fig = Figure(figsize=(5.5, 5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for c, name in enumerate(interp.classes):
+        pos = interp.y == c
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = roc_curve(pos, interp.probs[:, c])
+        auc = interp.metrics["per_class"][name].get("roc_auc")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title("ROC, one class vs the rest (validation)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cam_figure(interp: Interpretation, paths: list[str], title: str):
+    from matplotlib.figure import Figure
+
+    from .images import read_grey, squash
+
+    cols = min(4, max(1, len(paths)))
+    rows = max(1, -(-len(paths) // cols))
+    fig = Figure(figsize=(3.2 * cols, 3.6 * rows), dpi=100)
+    idx = {p: i for i, p in enumerate(interp.paths)}
+    for j, p in enumerate(paths):
+        i = idx[p]
+        cam = interp.cams[p]
+        ax = fig.add_subplot(rows, cols, j + 1)
+        box = (0, 1, 1, 0)  # both layers on the same unit square, whatever their pixel sizes
+        ax.imshow(squash(read_grey(p), max(128, cam.shape[0])), cmap="gray", vmin=0, vmax=255, extent=box)
+        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1, extent=box, interpolation="bilinear")
+        pred = int(interp.probs[i].argmax())
+        ax.set_title(f"actual {interp.classes[interp.y[i]]}\npred {interp.classes[pred]} p={interp.probs[i, pred]:.2f}",
+                     fontsize=8, color="firebrick" if pred != interp.y[i] else "black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def top_losses_figure(interp: Interpretation, size: int):
@@ -108,16 +234,80 @@ def save_report(interp: Interpretation, out: Path, size: int, force: bool = True
     out = Path(out)
     if out.exists() and not force:
         raise CxrError(f"{out}: report folder exists; pass --force to replace it or --out another folder")
-    names = ["top_losses.png", "top_losses.csv", "confusion_matrix.png", "most_confused.csv", "summary.json"]
+    import json
+
+    names = ["report.html", "top_losses.png", "top_losses.csv", "confusion_matrix.png", "most_confused.csv",
+             "roc.png", "gradcam_top_losses.png", "gradcam_correct.png", "summary.json"]
+    top_paths = list(interp.top_losses.path)
+    correct = [p for p in interp.cams if p not in set(top_paths)]
     with atomic_folder(out) as tmp:
-        top_losses_figure(interp, size).savefig(tmp / names[0])
-        interp.top_losses.to_csv(tmp / names[1], index=False)
-        confusion_figure(interp).savefig(tmp / names[2])
-        interp.most_confused.to_csv(tmp / names[3], index=False)
-        (tmp / names[4]).write_text(__import__("json").dumps({
+        figs = {
+            "top_losses.png": top_losses_figure(interp, size),
+            "confusion_matrix.png": confusion_figure(interp),
+            "roc.png": roc_figure(interp),
+            "gradcam_top_losses.png": cam_figure(interp, top_paths, "Grad-CAM of the predicted class: top losses"),
+            "gradcam_correct.png": cam_figure(interp, correct, "Grad-CAM of the predicted class: confident correct"),
+        }
+        for name, fig in figs.items():
+            fig.savefig(tmp / name)
+        interp.top_losses.to_csv(tmp / "top_losses.csv", index=False)
+        interp.most_confused.to_csv(tmp / "most_confused.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps({
             "classes": interp.classes, "n": interp.n, "accuracy": interp.accuracy,
-            "confusion_matrix": interp.confusion.tolist()}, indent=2) + "\n")
+            "confusion_matrix": interp.confusion.tolist(), "metrics": interp.metrics}, indent=2) + "\n")
+        (tmp / "report.html").write_text(html_report(interp, tmp), encoding="utf-8")
     return Report(out, [str(out / n) for n in names])
+
+
+def html_report(interp: Interpretation, folder: Path) -> str:
+    """One self-contained page (images embedded as base64) a person opens in a browser."""
+    import base64
+    import html
+
+    def img(name: str, alt: str) -> str:
+        b64 = base64.b64encode((folder / name).read_bytes()).decode()
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+    m = interp.metrics
+    ci = m.get("ci95") or {}
+
+    def fmt(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    def interval(key):
+        lo_hi = ci.get(key)
+        return "" if not lo_hi else f" <span class=ci>[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]</span>"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{fmt(pc['sensitivity'])}{interval('sensitivity/' + c)}</td>"
+        f"<td>{fmt(pc['specificity'])}{interval('specificity/' + c)}</td><td>{fmt(pc['ppv'])}</td>"
+        f"<td>{fmt(pc['npv'])}</td><td>{fmt(pc['f1'])}</td><td>{fmt(pc.get('roc_auc'))}</td><td>{pc['support']}</td></tr>"
+        for c, pc in m["per_class"].items())
+    top = "".join(f"<tr><td>{html.escape(Path(r.path).name)}</td><td>{html.escape(r.actual)}</td>"
+                  f"<td>{html.escape(r.predicted)}</td><td>{r.probability:.3f}</td><td>{r.loss:.3f}</td></tr>"
+                  for r in interp.top_losses.itertuples())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cxr-fastai report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}
+.ci{{color:#666;font-size:0.85em}} img{{max-width:100%;border:1px solid #ddd;margin:0.5em 0}}
+.warn{{background:#fff4e0;border-left:4px solid #e0a000;padding:0.6em 1em}}</style></head><body>
+<h1>Validation report</h1>
+<p class="warn">Research use only, not for diagnosis. These figures come from the run's validation split;
+report test-split figures with <code>cxr-fastai evaluate</code>.</p>
+<h2>Metrics (n = {interp.n}, 95% bootstrap intervals)</h2>
+<p>Accuracy <b>{m['accuracy']:.3f}</b>{interval('accuracy')} &nbsp; Balanced accuracy
+<b>{m['balanced_accuracy']:.3f}</b>{interval('balanced_accuracy')} &nbsp; Expected calibration error {m['ece']:.3f}</p>
+<table><tr><th>class</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th><th>ROC AUC</th><th>support</th></tr>{rows}</table>
+<h2>Confusion matrix</h2>{img('confusion_matrix.png', 'confusion matrix')}
+<h2>ROC curves</h2>{img('roc.png', 'ROC curves')}
+<h2>Top losses</h2>{img('top_losses.png', 'top losses')}
+<table><tr><th>image</th><th>actual</th><th>predicted</th><th>probability</th><th>loss</th></tr>{top}</table>
+<h2>Grad-CAM: where the evidence for the predicted class lies</h2>
+{img('gradcam_top_losses.png', 'Grad-CAM on top losses')}
+{img('gradcam_correct.png', 'Grad-CAM on confident correct images')}
+</body></html>
+"""
 
 
 def interpret_run(run: str | Path, k: int = 16, out: str | Path | None = None, device: str = "auto",

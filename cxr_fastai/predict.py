@@ -152,20 +152,39 @@ def predict_paths(artifact: str | Path, inputs: Sequence[str | Path], cfg: Predi
     return PredictionResult(pred.classes, rows(pred, paths, cfg))
 
 
+def _shown(value: str, encoding: str) -> str:
+    """A path (or an error naming one) as text a stream of `encoding` can take, for stdout.
+
+    A file name that is not valid UTF-8 reaches Python with lone surrogates (os.fsdecode), which a strict
+    stdout refuses: show its bytes backslash-escaped instead (bad\\xff.png), as `ls -b` does.
+    """
+    try:
+        value.encode(encoding)
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        pass
+    return value.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def write_predictions(res: PredictionResult, out: Path | None, fmt: str = "csv") -> None:
     """Stream rows to `out` (written under a temporary name, renamed at the end) or to stdout."""
     from .fsutil import atomic_save_path
 
     cols = ["path", "prediction", *[f"p_{c}" for c in res.classes], "error"]
 
-    def emit(f):
+    def emit(f, show=lambda v: v):
         n = n_err = 0
         first_err = ""
         if fmt == "csv":
             w = csv.writer(f, lineterminator="\n")
             w.writerow(cols)
             for r in res.rows:
-                w.writerow(["" if r[c] is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in cols])
+                w.writerow(["" if r[c] is None else (f"{r[c]:.6f}" if isinstance(r[c], float) else show(r[c]))
+                            for c in cols])
                 n += 1
                 n_err += bool(r["error"])
                 first_err = first_err or r["error"]
@@ -184,9 +203,12 @@ def write_predictions(res: PredictionResult, out: Path | None, fmt: str = "csv")
                             + ("" if out is None else f"; nothing written to {out}")
                             + "; give readable image files (.jpg .jpeg .png .bmp .tif .tiff)")
 
+    # JSON needs nothing: json.dumps escapes non-ASCII (and the surrogates of a non-UTF-8 name) itself
     if out is None:
-        emit(sys.stdout)
+        enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+        emit(sys.stdout, lambda v: _shown(v, enc))
         return
     with atomic_save_path(Path(out)) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: a non-UTF-8 file name is written back as its own bytes
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             emit(f)

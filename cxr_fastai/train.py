@@ -108,7 +108,7 @@ def _callbacks():
             names = self.learn.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
             vals = {n: float(v) for n, v in zip(names, self.learn.recorder.values[-1])}
             score = vals.get(BEST_METRIC, float("nan"))
-            model_sd = {k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()}
+            model_sd = {k: v.detach().cpu().clone() for k, v in unwrap(self.learn.model).state_dict().items()}
             if not math.isnan(score) and score > self.best_score:
                 self.best_score, self.best_epoch = score, self.epoch
                 with atomic_save_path(self.info.best_path) as tmp:
@@ -361,6 +361,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         learn.opt.load_state_dict(ck["opt"])
         start_epoch, best_score, best_epoch = ck["epochs_done"], ck["best_score"], ck["best_epoch"]
         log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}")
+    if cfg.compile:
+        learn.model = torch.compile(learn.model)
     RunCheckpoint, Eta, EpochLog = _callbacks()
     cbs = [RunCheckpoint(info, start_epoch, best_score, best_epoch)]
     if device == "cpu":
@@ -375,6 +377,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             with learn.no_bar():
                 learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
     # keep the best epoch: its weights become the run's model and learner.pkl
+    learn.model = unwrap(learn.model)
     learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
     if cfg.data_path != "pil":
         # the pickle carries the DataBlock pipeline (PIL path), which fastai's test_dl needs
@@ -386,6 +389,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     return TrainResult(run=run, best_epoch=int(best.get("epoch", 0)), best=best,
                        n_train=int((items.split == "train").sum()), n_valid=int((items.split == "valid").sum()),
                        skipped=skipped_n, seconds=time.perf_counter() - t_start)
+
+
+def unwrap(model):
+    """The plain module behind torch.compile: what checkpoints, weights and pickles hold."""
+    return getattr(model, "_orig_mod", model)
 
 
 def make_dls(items: pd.DataFrame, info: RunInfo, cfg: TrainConfig, device: str, log: Log = _noop):

@@ -38,3 +38,26 @@ def test_weight_decay_is_decoupled_and_skips_norm_and_bias(tiny, opt):
     else:
         assert learn.opt.state[bn_w].get("do_wd") is False and learn.opt.state[conv_w].get("do_wd", True)
     assert any(type(cb).__name__ == "GradientClip" for cb in learn.cbs)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_still_exports_the_plain_module(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "d", {"train": 12, "valid": 6, "test": 3}, size=32)
+    run, art = tmp_path / "run", tmp_path / "art"
+    r = run_cli("train", data, "--run", run, "--size", 16, "--epochs", 1, "--bs", 12, "--compile", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["compile"] is True
+    assert run_cli("export", run, "--to", art).returncode == 0
+    keys = load_file(str(art / "model.safetensors")).keys()
+    assert keys and not any(k.startswith("_orig_mod") for k in keys)
+    for extra in ([], ["--trust-pickle"]):
+        p = run_cli("predict", art, data / "test", *extra)
+        assert p.returncode == 0, p.stderr
+        assert len(p.stdout.strip().splitlines()) == 1 + 9
