@@ -41,6 +41,7 @@ class Duplicates:
     pairs: int = 0
     images_by_split: dict[str, int] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    pairs_by_distance: dict[str, int] = field(default_factory=dict)   # near only: phash bits -> pairs
 
     @property
     def images(self) -> int:
@@ -104,7 +105,9 @@ class AuditReport:
         lines.append(f"  exact duplicates across splits: {self.exact.pairs} pair(s)"
                      + (f", images {_by(self.exact.images_by_split)}" if self.exact.pairs else ""))
         lines.append(f"  near duplicates across splits (phash distance <= {self.near_distance}): {self.near.pairs} pair(s)"
-                     + (f", images {_by(self.near.images_by_split)}" if self.near.pairs else ""))
+                     + (f" ({', '.join(f'{n} at {k} bits' for k, n in self.near.pairs_by_distance.items())}), "
+                        f"images {_by(self.near.images_by_split)}"
+                        if self.near.pairs else ""))
         for ov, what in ((self.patients, "patient ids"), (self.groups, "groups")):
             if not ov.present:
                 lines.append(f"  {what} in more than one split: no {ov.column} column")
@@ -381,6 +384,8 @@ def near_duplicates(phashes: Sequence[int | None], shas: Sequence[str | None], s
     involved |= (nb[u] & ~(np.int64(1) << code)) != 0
 
     res.pairs = same_pairs + int(cross.sum())
+    by_d = {0: same_pairs, **{int(k): int(cross[d == k].sum()) for k in np.unique(d)}}
+    res.pairs_by_distance = {str(k): n for k, n in sorted(by_d.items()) if n}
     res.images_by_split = {s: int((involved & (code == k)).sum()) for k, s in enumerate(names)}
     if res.pairs:
         res.examples = _near_examples(u, code, sha_key, i, j, d, c, cs, ok, names, paths)

@@ -8,11 +8,9 @@ and the second run of each counts.
 """
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

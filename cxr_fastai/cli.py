@@ -267,6 +267,42 @@ def evaluate(
         _echo(f"{res.n} images: accuracy {res.accuracy:.4f}, balanced accuracy {res.balanced_accuracy:.4f}; written to {out}")
 
 
+@app.command("audit")
+def audit_cmd(
+    data: Path = typer.Argument(..., help="Dataset root (any layout train accepts)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the full report (counts, example pairs, tables) as JSON here."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when anything leaks across splits (duplicates, shared patients or groups)."),
+    near_distance: int = typer.Option(4, "--near-distance", min=0, max=15, help="Perceptual-hash bits (of 64) at or below which two images are near duplicates."),
+    workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding and hashing threads."),
+):
+    """Leakage across splits (exact and near-duplicate images, patients or groups in two splits) and class-by-source counts."""
+    from .audit import audit, write_report
+    from .errors import DataError
+
+    with _errors():
+        _out_file(out, "--out", "audit.json")
+        rep = audit(data, workers=workers, near_distance=near_distance)
+        if out is not None:
+            write_report(rep, out)
+        for line in rep.summary_lines():
+            typer.echo(line)
+        if out is not None:
+            typer.echo(f"report: {out}")
+        for p, err in rep.unreadable[:3]:
+            _warn(f"unreadable, left out of the image checks: {err}")
+        if len(rep.unreadable) > 3:
+            _warn(f"... and {len(rep.unreadable) - 3} more unreadable image(s)" + (f" (all listed in {out})" if out else ""))
+        for w in rep.source_warnings:
+            _warn(w)
+        leaks = rep.leak_messages()
+        where = f"see {out}" if out is not None else "rerun with --out REPORT.json for the pairs and ids"
+        if strict and leaks:
+            raise DataError(f"{rep.root}: leakage across splits: {'; '.join(leaks)}; {where}, then give each image, "
+                            "patient and group a single split")
+        for m in leaks:
+            _warn(f"{m}: held-out metrics will be optimistic ({where})")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path(DemoConfig.out), "--out", help="Folder for the synthetic data and every output (replaced)."),

@@ -21,6 +21,7 @@ class EvalResult:
     data: str
     artifact: str
     skipped: list[tuple[str, str]]
+    seen_in_training: int | None = None   # evaluated images whose bytes were training images (None: artifact lacks the list)
 
     @property
     def n(self) -> int:
@@ -36,7 +37,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.metrics.to_dict(), "split": self.split, "data": self.data, "artifact": self.artifact,
-                "skipped": [{"path": p, "error": e} for p, e in self.skipped]}
+                "skipped": [{"path": p, "error": e} for p, e in self.skipped], "seen_in_training": self.seen_in_training}
 
 
 def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.split,
@@ -59,7 +60,7 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
                         "remove those images or evaluate a model trained with that class")
     items = items.reset_index(drop=True)
     index = {c: i for i, c in enumerate(classes)}
-    y, probs, srcs, skipped = [], [], [], []
+    y, probs, srcs, skipped, used = [], [], [], [], []
     paths = [Path(p) for p in items.path]
     for i, (p, pr, err) in enumerate(iter_probs(pred, paths, cfg)):
         if pr is None:
@@ -68,6 +69,7 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
         y.append(index[items.label[i]])
         probs.append(pr)
         srcs.append(items.source[i])
+        used.append(str(p))
     if skipped:
         warn(f"{len(skipped)} unreadable image(s) left out of the metrics (first: {skipped[0][1]})")
     if not y:
@@ -77,7 +79,23 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
     if sources:
         for w in source_warnings(np.array(y), classes, sources):
             warn(w)
-    return EvalResult(m, used_split, str(ds.root), str(Path(artifact)), skipped)
+    seen = seen_in_training(pred.art.manifest, used)
+    if seen:
+        warn(f"{seen} of the {len(used)} evaluated images were used in training (same file content); these metrics "
+             "overstate how the model does on new images: evaluate on images it was not trained on")
+    return EvalResult(m, used_split, str(ds.root), str(Path(artifact)), skipped, seen)
+
+
+def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
+    """How many of `paths` have the content (SHA-256) of a training image listed in the manifest; None for
+    artifacts exported before the list existed."""
+    from .audit import hash_files
+
+    known = manifest.get("training_images_sha256")
+    if not isinstance(known, list):
+        return None
+    known = set(known)
+    return sum(h in known for h, _ in hash_files(paths))
 
 
 def write_metrics(res: EvalResult, out: str | Path) -> None:

@@ -88,6 +88,7 @@ def export_run(run: str | Path, to: str | Path | None = None, force: bool = Fals
 def build_manifest(info, folder: Path) -> dict[str, Any]:
     cfg = info.cfg
     meta = info.meta
+    train_sha, train_missing = training_hashes(info)
     return {
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -102,6 +103,9 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
         "versions": meta.get("versions", {}),
         "files": {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
                   for name in (WEIGHTS, PICKLE)},
+        # content hashes of the training images: `evaluate` warns when it is shown them again
+        "training_images_sha256": train_sha,
+        "training_images_missing": train_missing,
         "model_card": {
             "intended_use": "Research and teaching only. Not a medical device; not for diagnosis or triage.",
             "data": f"trained on {cfg.data} ({meta.get('layout')}); class counts {meta.get('counts')}",
@@ -109,6 +113,18 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
                                "learn the source instead of the disease; check per-source metrics.",
         },
     }
+
+
+def training_hashes(info) -> tuple[list[str], int]:
+    """Sorted SHA-256 hex digests of the run's training images (items.csv train rows) and how many of them
+    could not be read (moved or deleted since training: export still works, those just go unlisted)."""
+    from .audit import hash_files
+
+    items = info.items()
+    paths = items.loc[items.split == "train", "path"].tolist()
+    hashes = [h for h, _ in hash_files(paths)]
+    found = sorted({h for h in hashes if h is not None})
+    return found, sum(h is None for h in hashes)
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -11,10 +11,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +21,9 @@ import pandas as pd
 from .data import PixelStats, decode_many
 from .errors import DataError
 from .images import squash
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_VERSION = 1
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 from PIL import Image
+
+from .fsutil import atomic_folder
 
 CLASSES: tuple[str, ...] = ("COVID19", "NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
@@ -220,26 +220,6 @@ def make_synthetic_dataset(
     root.parent.mkdir(parents=True, exist_ok=True)
 
     # Build beside root, then swap, so a crash never leaves a half-written root.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.new-", dir=root.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
+    with atomic_folder(root) as tmp:
         _write_dataset(tmp, counts, size, seed)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    old: Path | None = None
-    if root.exists() or root.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent)) / "old"
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except BaseException:
-        if old is not None:
-            old.rename(root)
-            shutil.rmtree(old.parent, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)
     return root

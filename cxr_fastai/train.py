@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 
+from .audit import cheap_checks
 from .config import TrainConfig, resolve_device, write_json
-from .data import PixelStats, Skipped, build_dls, check_trainable, discover, scan
+from .data import PixelStats, build_dls, check_trainable, discover, scan
 from .errors import RunError
 from .fsutil import atomic_save_path, atomic_write_text
 from .model import MIN_SIZE, ResNet9
@@ -322,6 +322,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         classes = check_trainable(ds)
         log(f"data: {ds.root} ({ds.layout}); classes {', '.join(classes)}; scanning {len(ds.items)} images")
         items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4)
+        for w in cheap_checks(items):  # train/valid leakage: shared patients or groups, byte-identical images
+            warn(w)
         if len(skipped):
             warn(f"{len(skipped)} unreadable image(s) skipped, listed in {run / 'skipped.csv'} "
                  f"(first: {skipped.rows[0][1]})")

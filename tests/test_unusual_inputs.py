@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,9 @@ def _unusual_images(folder: Path) -> list[str]:
 def test_unusual_but_valid_images_are_predicted_not_rejected_by_safetensors_and_pickle_paths(tmp_path, trained):
     folder = tmp_path / "unusual"
     names = _unusual_images(folder)
-    safe = run_cli("predict", trained["art"], folder, "--device", "cpu", timeout=300)
-    pick = run_cli("predict", trained["art"], folder, "--device", "cpu", "--trust-pickle", timeout=300)
+    with ThreadPoolExecutor(2) as pool:   # two fresh processes at once: the test stays fast
+        safe, pick = pool.map(lambda extra: run_cli("predict", trained["art"], folder, "--device", "cpu", *extra,
+                                                    timeout=300), [(), ("--trust-pickle",)])
     for r in (safe, pick):
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr and "error:" not in r.stderr, r.stderr
@@ -169,7 +171,8 @@ def _check_odd_rows(rows: list[dict], folder: Path, bad_shown_as: str) -> None:
 
 
 def test_odd_file_names_predict_to_stdout_as_csv_and_json(odd_names, trained, monkeypatch):
-    # a normal UTF-8 locale (not C/POSIX) gives Python a *strict* UTF-8 stdout: reproduce that
+    # a normal UTF-8 locale (not C/POSIX) gives Python a *strict* UTF-8 stdout: reproduce that in a real
+    # process (CliRunner's captured stdout is strict UTF-8 as well)
     monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
     r_csv = run_cli("predict", trained["art"], odd_names, "--device", "cpu", timeout=300)
     assert r_csv.returncode == 0, r_csv.stderr
@@ -177,8 +180,8 @@ def test_odd_file_names_predict_to_stdout_as_csv_and_json(odd_names, trained, mo
     # the name that is not UTF-8 is shown backslash-escaped, so stdout stays valid UTF-8
     _check_odd_rows(csv_rows(r_csv.stdout), odd_names, "bad\\xff name.png")
 
-    r_json = run_cli("predict", trained["art"], odd_names, "--device", "cpu", "--format", "json", timeout=300)
-    assert r_json.returncode == 0, r_json.stderr
+    r_json = cli("predict", trained["art"], odd_names, "--device", "cpu", "--format", "json")
+    ok(r_json)
     rows = json.loads(r_json.stdout)
     assert [list(r) for r in rows] == [COLUMNS] * 4
     # JSON escapes the undecodable byte (\udcff): the path round-trips to the real file
@@ -306,7 +309,7 @@ def test_probabilities_do_not_depend_on_batch_size_or_workers(tmp_path, trained)
         h, w = int(rng.integers(12, 60)), int(rng.integers(12, 60))      # squashed: sizes differ per image
         write_image(folder / f"img_{i:02d}.png", np.clip(rng.normal(120, 40, (h, w)), 0, 255).astype(np.uint8))
     runs = {}
-    for bs, workers in ((1, 1), (64, 4), (7, 3)):
+    for bs, workers in ((1, 1), (64, 4)):
         res = cli("predict", trained["art"], folder, "--device", "cpu", "--format", "json",
                   "--bs", bs, "--workers", workers)
         ok(res)
