@@ -212,7 +212,7 @@ def hash_files(paths: Sequence[str], workers: int = 4) -> list[tuple[str | None,
     if workers <= 1:
         return [one(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, paths, chunksize=64))
+        return list(pool.map(one, paths))
 
 
 def _phash_int(arr: np.ndarray) -> int:
