@@ -2,15 +2,26 @@
 
 Across splits it looks for
   - exact duplicates: the same file bytes (SHA-256) in two splits;
-  - near duplicates: the same picture re-encoded, resized or slightly brightened, found by perceptual
-    hash (imagehash's phash of the grey image, 64 bits) within NEAR_DISTANCE bits;
+  - near duplicates: the same picture re-encoded, resized or slightly brightened. Found in two steps:
+    candidates are pairs whose perceptual hashes (imagehash's phash of the grey image, 64 bits) differ in
+    at most NEAR_DISTANCE bits (and whose bytes differ: byte copies are exact duplicates); a candidate is
+    CONFIRMED only when the Pearson correlation of the two images' 32x32 grey thumbnails (the whole image
+    squashed, as `images.squash` does) is >= MIN_SIMILARITY. The phash alone is not enough on chest
+    X-rays: their low-frequency DCT structure is so alike that different patients often fall within 4
+    bits (on cxr3 most phash candidates correlate < 0.95 and are visibly different pictures). A flat
+    (constant) thumbnail has no correlation: it counts as 0, so it is never confirmed;
   - patients and duplicate groups (labels.csv columns patient_id, group) present in two splits;
 and it tabulates class by source, with the "class mostly from one source" warnings of
 `metrics.source_warnings` (a model can learn the hospital instead of the disease).
 
-The near-duplicate search is not all-pairs: the 64 hash bits are cut into NEAR_DISTANCE + 1 bands, and
+The candidate search is not all-pairs: the 64 hash bits are cut into NEAR_DISTANCE + 1 bands, and
 two hashes that differ in at most NEAR_DISTANCE bits agree exactly on at least one band (pigeonhole), so
-only hashes sharing a band value are compared — vectorised with numpy, one band at a time.
+only hashes sharing a band value are compared — vectorised with numpy, one band at a time. The phash and
+the thumbnail come from the same decoding pass (no image is decoded twice); thumbnails are kept as
+standardised float32 rows (4 KiB per image), so a pair's correlation is a dot product / 1024. Only
+exact duplicates and CONFIRMED near duplicates count as leakage (`AuditReport.leakage`, `--strict`);
+the report also keeps the candidate count, a histogram of candidate correlations (SIMILARITY_BINS) and
+example pairs with their phash distance and correlation, confirmed and rejected.
 
 Unreadable images are listed, never fatal. Nothing here prints: `audit()` returns an AuditReport.
 """
@@ -29,7 +40,10 @@ import pandas as pd
 from .config import SPLITS, TrainConfig, write_json
 from .export import sha256_file
 
-NEAR_DISTANCE = 4      # bits of 64: phash Hamming distance at or below which two images count as the same
+NEAR_DISTANCE = 4      # bits of 64: phash Hamming distance at or below which two images are candidates
+MIN_SIMILARITY = 0.95  # thumbnail correlation at or above which a candidate is confirmed as a near duplicate
+THUMB_SIZE = 32        # thumbnail side (pixels) for the correlation: THUMB_SIZE**2 values per image
+SIMILARITY_BINS = (0.8, 0.9, 0.95)   # edges of the candidate-correlation histogram
 MAX_EXAMPLES = 50      # example pairs / ids kept per finding (counts are always complete)
 SOURCE_SHARE = 0.8     # a class whose images come >= this share from one source gets a warning
 
@@ -46,6 +60,24 @@ class Duplicates:
     @property
     def images(self) -> int:
         return sum(self.images_by_split.values())
+
+
+@dataclass
+class NearDuplicates(Duplicates):
+    """Near duplicates. `candidates` counts the cross-split pairs within the phash distance (bytes differ);
+    `pairs`, `images_by_split`, `pairs_by_distance` and `examples` are about the CONFIRMED ones (thumbnail
+    correlation >= min_similarity) only. `similarity_histogram` counts the candidates per correlation bin;
+    `rejected_examples` are unconfirmed candidates, most similar first. Examples carry `distance` (phash
+    bits) and `correlation`."""
+    candidates: int = 0
+    candidates_by_distance: dict[str, int] = field(default_factory=dict)
+    similarity_histogram: dict[str, int] = field(default_factory=dict)
+    rejected_examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _bin_labels(edges: Sequence[float] = SIMILARITY_BINS) -> list[str]:
+    return ([f"<{edges[0]:g}"] + [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])]
+            + [f">={edges[-1]:g}"])
 
 
 @dataclass
@@ -70,8 +102,9 @@ class AuditReport:
     n_images: int
     n_by_split: dict[str, int]
     near_distance: int
+    min_similarity: float
     exact: Duplicates
-    near: Duplicates
+    near: NearDuplicates
     patients: Overlap
     groups: Overlap
     class_by_source: dict[str, dict[str, dict[str, int]]] | None   # split (and "all") -> class -> source -> n
@@ -90,8 +123,8 @@ class AuditReport:
             msgs.append(f"{self.exact.pairs} exact duplicate pair(s) across splits ({_by(self.exact.images_by_split)} "
                         "image(s) with a byte-identical copy in another split)")
         if self.near.pairs:
-            msgs.append(f"{self.near.pairs} near-duplicate pair(s) across splits (phash distance <= {self.near_distance}; "
-                        f"{_by(self.near.images_by_split)} image(s))")
+            msgs.append(f"{self.near.pairs} near-duplicate pair(s) across splits ({self._near_rule()}; confirmed of "
+                        f"{self.near.candidates} phash candidate(s); {_by(self.near.images_by_split)} image(s))")
         for ov, what in ((self.patients, "patient id"), (self.groups, "group")):
             if ov.ids:
                 msgs.append(f"{ov.ids} {what}(s) in more than one split (e.g. {ov.examples[0]['id']!r}; "
@@ -104,10 +137,15 @@ class AuditReport:
                  f"in {self.seconds:.1f} s; {len(self.unreadable)} unreadable"]
         lines.append(f"  exact duplicates across splits: {self.exact.pairs} pair(s)"
                      + (f", images {_by(self.exact.images_by_split)}" if self.exact.pairs else ""))
-        lines.append(f"  near duplicates across splits (phash distance <= {self.near_distance}): {self.near.pairs} pair(s)"
-                     + (f" ({', '.join(f'{n} at {k} bits' for k, n in self.near.pairs_by_distance.items())}), "
-                        f"images {_by(self.near.images_by_split)}"
-                        if self.near.pairs else ""))
+        near = self.near
+        lines.append(f"  near duplicates across splits ({self._near_rule()}): {near.pairs} pair(s) confirmed of "
+                     f"{near.candidates} phash candidate(s)"
+                     + (f" ({', '.join(f'{n} at {k} bits' for k, n in near.pairs_by_distance.items())}), "
+                        f"images {_by(near.images_by_split)}"
+                        if near.pairs else ""))
+        if near.candidates:
+            lines.append("    candidate thumbnail correlations: "
+                         + ", ".join(f"{k} {n}" for k, n in near.similarity_histogram.items()))
         for ov, what in ((self.patients, "patient ids"), (self.groups, "groups")):
             if not ov.present:
                 lines.append(f"  {what} in more than one split: no {ov.column} column")
@@ -120,6 +158,10 @@ class AuditReport:
                 parts = ", ".join(f"{s} {n}" for s, n in sorted(by_src.items(), key=lambda kv: -kv[1]))
                 lines.append(f"  class {cls} ({total}): {parts}")
         return lines
+
+    def _near_rule(self) -> str:
+        return (f"phash distance <= {self.near_distance} and {THUMB_SIZE} px thumbnail correlation "
+                f">= {self.min_similarity:g}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,12 +184,15 @@ def write_report(rep: AuditReport, out: str | Path) -> None:
 # -------------------------------------------------------------------------------------------- audit
 
 def audit(data: str | Path, workers: int = 4, near_distance: int = NEAR_DISTANCE,
+          min_similarity: float = MIN_SIMILARITY,
           valid_pct: float = TrainConfig.valid_pct, seed: int = TrainConfig.seed) -> AuditReport:
     """Audit a dataset in any layout `data.discover` accepts (split as `train` would split it)."""
     from .data import discover
 
     if not 0 <= near_distance <= 15:
         raise ValueError(f"near_distance must be in 0..15 bits, got {near_distance}")
+    if not -1.0 <= min_similarity <= 1.0:
+        raise ValueError(f"min_similarity must be a correlation in -1..1, got {min_similarity}")
     t0 = time.perf_counter()
     ds = discover(data, valid_pct, seed)
     items = ds.items.reset_index(drop=True)
@@ -158,7 +203,7 @@ def audit(data: str | Path, workers: int = 4, near_distance: int = NEAR_DISTANCE
 
     shas = hash_files(paths, workers)
     # a file whose bytes cannot be read cannot be decoded either, so this lists every unreadable image
-    phashes, unreadable = _phashes(paths, workers)
+    phashes, thumbs, unreadable = _phashes_and_thumbs(paths, workers)
     unreadable = [(_rel(p, root), e) for p, e in unreadable]
     sha_list = [s for s, _ in shas]
 
@@ -166,9 +211,9 @@ def audit(data: str | Path, workers: int = 4, near_distance: int = NEAR_DISTANCE
     return AuditReport(
         root=str(root), layout=ds.layout, split_given=ds.split_given, n_images=len(items),
         n_by_split={s: int(counts.get(s, 0)) for s in SPLITS if counts.get(s, 0)},
-        near_distance=near_distance,
+        near_distance=near_distance, min_similarity=float(min_similarity),
         exact=exact_duplicates(sha_list, splits, rel),
-        near=near_duplicates(phashes, sha_list, splits, rel, near_distance),
+        near=near_duplicates(phashes, thumbs, sha_list, splits, rel, near_distance, min_similarity),
         patients=overlap(items, "patient_id", root),
         groups=overlap(items, "group", root),
         class_by_source=class_by_source(items),
@@ -224,17 +269,37 @@ def _phash_int(arr: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def _phashes(paths: Sequence[str], workers: int) -> tuple[list[int | None], list[tuple[str, str]]]:
+def _thumb(arr: np.ndarray) -> np.ndarray:
+    """The image squashed to THUMB_SIZE x THUMB_SIZE, flattened and standardised (mean 0, population std 1)
+    as float32, so that the Pearson correlation of two images is dot(a, b) / THUMB_SIZE**2. A flat image
+    gives zeros (correlation 0 with anything)."""
+    from .images import squash
+
+    x = squash(arr, THUMB_SIZE).astype(np.float32).reshape(-1)
+    x -= x.mean()
+    s = float(np.sqrt(np.mean(x * x)))
+    return x / np.float32(s) if s > 1e-6 else np.zeros_like(x)
+
+
+def _phash_and_thumb(arr: np.ndarray) -> tuple[int, np.ndarray]:
+    return _phash_int(arr), _thumb(arr)
+
+
+def _phashes_and_thumbs(paths: Sequence[str], workers: int
+                        ) -> tuple[list[int | None], np.ndarray, list[tuple[str, str]]]:
+    """Per path, from ONE decode: the phash (None when unreadable) and the standardised thumbnail, as rows
+    of a (N, THUMB_SIZE**2) float32 array (zeros when unreadable); plus (path, error) per unreadable file."""
     from .data import decode_many
 
     out: list[int | None] = [None] * len(paths)
+    thumbs = np.zeros((len(paths), THUMB_SIZE * THUMB_SIZE), np.float32)
     bad: list[tuple[str, str]] = []
-    for i, h, err in decode_many(paths, workers, fn=_phash_int):
-        if h is None:
+    for i, res, err in decode_many(paths, workers, fn=_phash_and_thumb):
+        if res is None:
             bad.append((paths[i], err))
         else:
-            out[i] = h
-    return out, bad
+            out[i], thumbs[i] = res
+    return out, thumbs, bad
 
 
 def _rel(path: str, root: Path) -> str:
@@ -346,13 +411,19 @@ def near_pairs(h: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
 
 
-def near_duplicates(phashes: Sequence[int | None], shas: Sequence[str | None], splits: Sequence[str],
-                    paths: Sequence[str], max_distance: int = NEAR_DISTANCE) -> Duplicates:
+def near_duplicates(phashes: Sequence[int | None], thumbs: np.ndarray, shas: Sequence[str | None],
+                    splits: Sequence[str], paths: Sequence[str], max_distance: int = NEAR_DISTANCE,
+                    min_similarity: float = MIN_SIMILARITY) -> NearDuplicates:
     """Image pairs in different splits whose phashes differ in <= max_distance bits and whose bytes differ
-    (byte-identical pairs are exact duplicates, reported there). Counted per distinct hash, never pair by
-    pair, so thousands of identical (e.g. blank) images cost nothing extra."""
+    (byte-identical pairs are exact duplicates, reported there) are candidates; a candidate is confirmed
+    when the correlation of its two thumbnails (rows of `thumbs`, standardised as `_thumb` makes them) is
+    >= min_similarity.
+
+    The candidate search runs on distinct hashes (`near_pairs`); each candidate pair of distinct hashes,
+    and each hash shared across splits, is then expanded to its image pairs and their correlations are
+    taken in bounded blocks, so memory stays flat even for large groups of identical hashes."""
     ok = np.array([i for i, h in enumerate(phashes) if h is not None], np.int64)
-    res = Duplicates()
+    res = NearDuplicates(similarity_histogram=dict.fromkeys(_bin_labels(), 0))
     if len(ok) < 2:
         return res
     names, code = _split_codes([splits[i] for i in ok])
@@ -365,60 +436,115 @@ def near_duplicates(phashes: Sequence[int | None], shas: Sequence[str | None], s
     sha_key = pd.factorize(pd.Series([shas[i] if shas[i] is not None else f"?{i}" for i in ok]))[0]
     cs = np.zeros((sha_key.max() + 1, n_s), np.int64)  # images per (file content, split)
     np.add.at(cs, (sha_key, code), 1)
+    t = thumbs if len(ok) == len(thumbs) else thumbs[ok]   # thumbnail per position k (k indexes ok)
+    tally = _Tally(len(ok), min_similarity)
 
-    # same hash (distance 0), different bytes: pairs per hash bucket minus the byte-identical ones
-    same_pairs = int(_cross_pairs(c).sum() - _cross_pairs(cs).sum())
-    involved = ((c.sum(1)[u] - c[u, code]) - (cs.sum(1)[sha_key] - cs[sha_key, code])) > 0
+    def block(a: np.ndarray, b: np.ndarray, d: int, same: bool) -> None:
+        """All image pairs of a x b (a == b and pairs once when `same`) in different splits and bytes."""
+        rows = max(1, (1 << 22) // len(b))             # at most 4M correlations (16 MB) at a time
+        for s in range(0, len(a), rows):
+            aa = a[s:s + rows]
+            m = (code[aa][:, None] != code[b][None, :]) & (sha_key[aa][:, None] != sha_key[b][None, :])
+            if same:
+                m &= np.arange(s, s + len(aa))[:, None] < np.arange(len(b))[None, :]
+            ia, ib = np.nonzero(m)
+            if len(ia):
+                r = (t[aa] @ t[b].T)[ia, ib] / np.float32(t.shape[1])
+                tally.add(aa[ia], b[ib], np.full(len(ia), d, np.int64), r)
 
-    # different hashes within max_distance
+    order = np.argsort(u, kind="stable")              # positions grouped by distinct hash
+    cnt = c.sum(1)
+    first = np.r_[0, np.cumsum(cnt)[:-1]]
+
+    def members(g: int) -> np.ndarray:
+        return order[first[g]:first[g] + cnt[g]]
+
+    # same hash (distance 0): buckets holding a cross-split pair that is not byte-identical
+    # (identical bytes give identical hashes, so each content group sits inside one bucket)
+    sha_bucket = np.zeros(len(cs), np.int64)
+    sha_bucket[sha_key] = u
+    identical = np.bincount(sha_bucket, weights=_cross_pairs(cs), minlength=len(uniq))
+    for g in np.flatnonzero(_cross_pairs(c) - identical > 0).tolist():
+        mg = members(g)
+        block(mg, mg, 0, same=True)
+
+    # different hashes within max_distance (their bytes necessarily differ)
     i, j, d = near_pairs(uniq, max_distance)
-    tot = c.sum(1)
-    cross = tot[i] * tot[j] - (c[i] * c[j]).sum(1)
+    cross = cnt[i] * cnt[j] - (c[i] * c[j]).sum(1)
     keep = cross > 0
-    i, j, d, cross = i[keep], j[keep], d[keep], cross[keep]
-    bits = (c > 0).astype(np.int64) << np.arange(n_s)   # split-presence bit mask per distinct hash
-    mask = bits.sum(1)
-    nb = np.zeros(len(uniq), np.int64)                   # splits present among each hash's neighbours
-    np.bitwise_or.at(nb, i, mask[j])
-    np.bitwise_or.at(nb, j, mask[i])
-    involved |= (nb[u] & ~(np.int64(1) << code)) != 0
+    i, j, d = i[keep], j[keep], d[keep]
+    n = cnt[i] * cnt[j]
+    big = n > 4096
+    for x in np.flatnonzero(big).tolist():
+        block(members(int(i[x])), members(int(j[x])), int(d[x]), same=False)
+    i, j, d, n = i[~big], j[~big], d[~big], n[~big]
+    ends = np.cumsum(n)
+    lo = 0
+    while lo < len(n):                                # expand ~8k image pairs at a time, gathered in one go
+        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + 8192, side="right")))
+        ni = n[lo:hi]
+        p = np.repeat(np.arange(lo, hi), ni)
+        k = np.arange(ni.sum()) - np.repeat(np.cumsum(ni) - ni, ni)
+        a = order[first[i[p]] + k // cnt[j[p]]]
+        b = order[first[j[p]] + k % cnt[j[p]]]
+        m = code[a] != code[b]
+        a, b, p = a[m], b[m], p[m]
+        r = np.einsum("ij,ij->i", t[a], t[b]) / np.float32(t.shape[1])
+        tally.add(a, b, d[p], r)
+        lo = hi
 
-    res.pairs = same_pairs + int(cross.sum())
-    by_d = {0: same_pairs, **{int(k): int(cross[d == k].sum()) for k in np.unique(d)}}
-    res.pairs_by_distance = {str(k): n for k, n in sorted(by_d.items()) if n}
-    res.images_by_split = {s: int((involved & (code == k)).sum()) for k, s in enumerate(names)}
-    if res.pairs:
-        res.examples = _near_examples(u, code, sha_key, i, j, d, c, cs, ok, names, paths)
+    res.candidates = int(tally.hist.sum())
+    res.similarity_histogram = dict(zip(_bin_labels(), tally.hist.tolist()))
+    res.candidates_by_distance = {str(k): int(v) for k, v in enumerate(tally.cand_by_d) if v}
+    res.pairs = int(tally.conf_by_d.sum())
+    res.pairs_by_distance = {str(k): int(v) for k, v in enumerate(tally.conf_by_d) if v}
+    res.images_by_split = {s: int((tally.involved & (code == k)).sum()) for k, s in enumerate(names)}
+
+    def examples(e: tuple[np.ndarray, ...]) -> list[dict[str, Any]]:
+        return [_example({"path": paths[ok[a]], "split": names[code[a]]}, {"path": paths[ok[b]], "split": names[code[b]]},
+                         names, distance=int(dd), correlation=round(float(r), 4))
+                for a, b, dd, r in zip(*(x.tolist() for x in e))]
+
+    res.examples = examples(tally.confirmed)
+    res.rejected_examples = examples(tally.rejected)
     return res
 
 
-def _near_examples(u, code, sha_key, i, j, d, c, cs, ok, names, paths) -> list[dict[str, Any]]:
-    """Up to MAX_EXAMPLES pairs, closest first: same-hash pairs (distance 0), then by distance."""
-    members: dict[int, list[int]] = {}
-    want = set(np.flatnonzero(_cross_pairs(c) > 0).tolist()) | set(i.tolist()) | set(j.tolist())
-    for k, g in enumerate(u.tolist()):
-        if g in want:
-            members.setdefault(g, []).append(k)
+class _Tally:
+    """Running counts over candidate pairs (positions a, b; phash distance d; correlation r), and the
+    MAX_EXAMPLES best examples: confirmed ones closest first (distance, then correlation), rejected ones
+    most similar first."""
 
-    def rec(k: int) -> dict:
-        return {"path": paths[ok[k]], "split": names[code[k]]}
+    def __init__(self, n: int, min_similarity: float):
+        self.min_similarity = min_similarity
+        self.hist = np.zeros(len(SIMILARITY_BINS) + 1, np.int64)
+        self.cand_by_d = np.zeros(65, np.int64)
+        self.conf_by_d = np.zeros(65, np.int64)
+        self.involved = np.zeros(n, bool)
+        e = np.zeros(0, np.int64)
+        self.confirmed: tuple[np.ndarray, ...] = (e, e, e, np.zeros(0, np.float32))
+        self.rejected: tuple[np.ndarray, ...] = self.confirmed
 
-    out: list[dict[str, Any]] = []
-    for g in np.flatnonzero(_cross_pairs(c) > 0).tolist():
-        ks = members[g]
-        pair = next(((a, b) for a in ks for b in ks
-                     if code[a] != code[b] and sha_key[a] != sha_key[b]), None)
-        if pair:
-            out.append(_example(rec(pair[0]), rec(pair[1]), names, distance=0))
-        if len(out) >= MAX_EXAMPLES:
-            return out
-    for x in np.argsort(d, kind="stable").tolist():
-        pair = next(((a, b) for a in members[int(i[x])] for b in members[int(j[x])] if code[a] != code[b]), None)
-        if pair:
-            out.append(_example(rec(pair[0]), rec(pair[1]), names, distance=int(d[x])))
-        if len(out) >= MAX_EXAMPLES:
-            break
-    return out
+    def add(self, a: np.ndarray, b: np.ndarray, d: np.ndarray, r: np.ndarray) -> None:
+        r = r.astype(np.float32)
+        self.hist += np.bincount(np.searchsorted(np.array(SIMILARITY_BINS, np.float32), r, side="right"),
+                                 minlength=len(SIMILARITY_BINS) + 1)
+        self.cand_by_d += np.bincount(d, minlength=65)
+        ok = r >= np.float32(self.min_similarity)
+        self.conf_by_d += np.bincount(d[ok], minlength=65)
+        self.involved[a[ok]] = True
+        self.involved[b[ok]] = True
+        self.confirmed = self._best(self.confirmed, (a[ok], b[ok], d[ok], r[ok]), by_distance=True)
+        self.rejected = self._best(self.rejected, (a[~ok], b[~ok], d[~ok], r[~ok]), by_distance=False)
+
+    @staticmethod
+    def _best(old: tuple[np.ndarray, ...], new: tuple[np.ndarray, ...], by_distance: bool) -> tuple[np.ndarray, ...]:
+        if not len(new[0]):
+            return old
+        a, b, d, r = (np.concatenate([x, y]) for x, y in zip(old, new))
+        keys = (b, a, d, -r) if not by_distance else (b, a, -r, d)   # lexsort: last key is the primary one
+        top = np.lexsort(keys)[:MAX_EXAMPLES]
+        return a[top], b[top], d[top], r[top]
 
 
 # --------------------------------------------------------------------------------- labels.csv columns

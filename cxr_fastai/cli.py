@@ -149,6 +149,9 @@ def train(
     workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
     data_path: DataPath = typer.Option(DataPath(D.data_path), "--data-path", help="cached: decode once, augment per batch on the device; pil: fastai per-item transforms."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between runs (keyed by file content and size)."),
+    label_smoothing: float = typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
+    class_weights: bool = typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
+    exclude_source: List[str] = typer.Option([], "--exclude-source", help="Leave images of this labels.csv source out of train and valid (repeatable)."),
     opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -164,7 +167,9 @@ def train(
         raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
     cfg = TrainConfig(data=str(data or ""), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
                       seed=seed, min_scale=min_scale, device=device.value, workers=workers,
-                      data_path=data_path.value, cache_dir=str(cache_dir or ""), compile=compile_model, opt=opt.value)
+                      data_path=data_path.value, cache_dir=str(cache_dir or ""), compile=compile_model, opt=opt.value,
+                      label_smoothing=label_smoothing, class_weights=class_weights,
+                      exclude_sources=tuple(exclude_source))
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
         _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),
@@ -245,6 +250,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON path (default: print to stdout)."),
     bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
+    source: List[str] = typer.Option([], "--source", help="Only images of this labels.csv source (repeatable)."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
 ):
     """Accuracy, balanced accuracy, confusion matrix and per-class sensitivity/specificity/PPV/NPV/F1."""
@@ -258,7 +264,7 @@ def evaluate(
     with _errors():
         _out_file(out, "--out", "metrics.json")
         res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value),
-                            warn=_warn)
+                            warn=_warn, sources=tuple(source))
         if out is not None:
             write_metrics(res, out)
     if out is None:
@@ -272,16 +278,19 @@ def audit_cmd(
     data: Path = typer.Argument(..., help="Dataset root (any layout train accepts)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full report (counts, example pairs, tables) as JSON here."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when anything leaks across splits (duplicates, shared patients or groups)."),
-    near_distance: int = typer.Option(4, "--near-distance", min=0, max=15, help="Perceptual-hash bits (of 64) at or below which two images are near duplicates."),
+    near_distance: int = typer.Option(4, "--near-distance", min=0, max=15, help="Perceptual-hash bits (of 64) at or below which two images are near-duplicate candidates."),
+    min_similarity: float = typer.Option(0.95, "--min-similarity", min=-1.0, max=1.0, help="Correlation of the two 32 px grey thumbnails at or above which a candidate is confirmed as a near duplicate (only confirmed ones count as leakage; -1 confirms every candidate)."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding and hashing threads."),
 ):
-    """Leakage across splits (exact and near-duplicate images, patients or groups in two splits) and class-by-source counts."""
+    """Leakage across splits (exact and near-duplicate images, patients or groups in two splits) and class-by-source counts.
+
+    Near duplicates: phash candidates confirmed by thumbnail correlation."""
     from .audit import audit, write_report
     from .errors import DataError
 
     with _errors():
         _out_file(out, "--out", "audit.json")
-        rep = audit(data, workers=workers, near_distance=near_distance)
+        rep = audit(data, workers=workers, near_distance=near_distance, min_similarity=min_similarity)
         if out is not None:
             write_report(rep, out)
         for line in rep.summary_lines():

@@ -29,12 +29,16 @@ class TrainConfig:
     stats_limit: int = 20_000      # images used for the pixel mean/std (seeded sample when more)
     data_path: str = "cached"      # cached: decode once, crop/normalise per batch on the device | pil: fastai per-item
     cache_dir: str = ""            # keep the decoded cache here between runs ("" = in memory only)
+    label_smoothing: float = 0.0   # cross-entropy label smoothing (0 = plain cross-entropy)
+    class_weights: bool = False    # weight the loss by inverse class frequency of the training set
+    exclude_sources: tuple[str, ...] = ()  # leave these `source` values (labels.csv) out of train and valid
     compile: bool = False          # torch.compile the model (exports still hold the plain module)
     opt: str = "adamw"             # adamw: torch AdamW, foreach (CPU) / fused (CUDA) | fastai: fastai's Adam (per-param loop)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["widths"] = list(self.widths)
+        d["exclude_sources"] = list(self.exclude_sources)
         return d
 
     @classmethod
@@ -43,6 +47,8 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if "widths" in d:
             d["widths"] = tuple(int(w) for w in d["widths"])
+        if "exclude_sources" in d:
+            d["exclude_sources"] = tuple(d["exclude_sources"])
         return cls(**d)
 
     def replace(self, **kw: Any) -> "TrainConfig":

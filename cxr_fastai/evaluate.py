@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class EvalResult:
 
 def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.split,
              cfg: PredictConfig = PredictConfig(), ecfg: EvalConfig = EvalConfig(),
-             warn: Callable[[str], None] = lambda m: None) -> EvalResult:
+             warn: Callable[[str], None] = lambda m: None, sources: Sequence[str] = ()) -> EvalResult:
     pred = load_predictor(artifact, cfg)
     classes = pred.classes
     ds = discover(data)
@@ -54,6 +54,12 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
         if len(items) == 0:
             have = ", ".join(sorted(ds.items.split.unique()))
             raise DataError(f"{ds.root}: no images in split {split!r} (splits present: {have}); pick one with --split")
+    if sources:
+        missing = sorted(set(sources) - set(items.source))
+        if missing:
+            raise DataError(f"{ds.root}: no images from source {missing[0]!r} in this split "
+                            f"(sources: {', '.join(sorted(set(items.source) - {''})) or 'none'})")
+        items = items[items.source.isin(sources)]
     unknown = sorted(set(items.label) - set(classes))
     if unknown:
         raise DataError(f"{ds.root}: label {unknown[0]!r} is not a class of this model ({', '.join(classes)}); "

@@ -24,7 +24,7 @@ import pandas as pd
 from .audit import cheap_checks
 from .config import TrainConfig, resolve_device, write_json
 from .data import PixelStats, build_dls, check_trainable, discover, scan
-from .errors import RunError
+from .errors import DataError, RunError
 from .fsutil import atomic_save_path, atomic_write_text
 from .model import MIN_SIZE, ResNet9
 
@@ -231,10 +231,31 @@ def make_opt_func(kind: str, cuda: bool):
     return partial(OptimWrapper, opt=torch.optim.AdamW, eps=1e-5, **({"fused": True} if cuda else {"foreach": True}))
 
 
+def make_loss(cfg: TrainConfig, dls):
+    from fastai.losses import CrossEntropyLossFlat
+
+    weight = None
+    if cfg.class_weights:
+        import torch
+
+        y = _train_labels(dls)
+        counts = torch.bincount(y, minlength=len(dls.vocab)).float().clamp(min=1)
+        weight = (counts.sum() / (len(counts) * counts)).to(dls.device)  # inverse frequency, mean weight ~1
+    return CrossEntropyLossFlat(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _train_labels(dls):
+    import torch
+
+    if hasattr(dls.train, "y"):  # the cached path holds the labels as a tensor
+        return dls.train.y.cpu()
+    vocab = list(dls.vocab)
+    return torch.tensor([vocab.index(c) for c in dls.train.items["label"]])
+
+
 def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None):
     from fastai.callback.training import GradientClip
     from fastai.learner import Learner
-    from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import BalancedAccuracy, accuracy
 
     cuda = str(dls.device).startswith("cuda")
@@ -244,7 +265,7 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
     if cfg.opt != "fastai":
         cbs.append(_no_decay_callback()())
         extra["splitter"] = decay_groups
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=make_opt_func(cfg.opt, cuda), wd=cfg.wd,
+    learn = Learner(dls, model, loss_func=make_loss(cfg, dls), opt_func=make_opt_func(cfg.opt, cuda), wd=cfg.wd,
                     metrics=[accuracy, BalancedAccuracy()], cbs=cbs, path=path or Path("."),
                     model_dir="checkpoints", **extra)
     if str(dls.device).startswith("cuda"):
@@ -319,6 +340,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
                                f"or --resume to continue it")
             shutil.rmtree(run)
         ds = discover(cfg.data, cfg.valid_pct, cfg.seed)
+        if cfg.exclude_sources:
+            unknown = sorted(set(cfg.exclude_sources) - set(ds.items.source))
+            if unknown:
+                raise DataError(f"{ds.root}: no images from source {unknown[0]!r} to exclude "
+                                f"(sources: {', '.join(sorted(set(ds.items.source) - {''})) or 'none'})")
+            ds.items = ds.items[~ds.items.source.isin(cfg.exclude_sources)].reset_index(drop=True)
         classes = check_trainable(ds)
         log(f"data: {ds.root} ({ds.layout}); classes {', '.join(classes)}; scanning {len(ds.items)} images")
         items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4)

@@ -2,7 +2,9 @@
 
 Planted leaks (one of each) must all be found and nothing else; a clean dataset must come out clean.
 Images are smooth random pictures (8x8 noise upsampled), whose perceptual hashes are far apart, so the
-only near duplicates are the planted ones. One tiny model (16 px, 1 epoch, 18 synthetic images) is
+only near duplicates are the planted ones. Near duplicates are phash candidates confirmed by thumbnail
+correlation: to test the confirmation on different pictures whose phashes collide, the tests monkeypatch
+`cxr_fastai.audit._phash_int`. One tiny model (16 px, 1 epoch, 18 synthetic images) is
 trained for the module to check the warnings of train and evaluate.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxr_fastai.audit import audit, cheap_checks, near_pairs
+import cxr_fastai.audit as audit_mod
+from cxr_fastai.audit import MIN_SIMILARITY, audit, cheap_checks, near_duplicates, near_pairs
 from cxr_fastai.cli import app
 
 runner = CliRunner()
@@ -89,9 +92,12 @@ def test_planted_leaks_are_all_found(leaky):
     ex = rep.exact.examples[0]
     assert (ex["a"], ex["split_a"], ex["b"], ex["split_b"]) == ("train/A/A0.png", "train", "test/A/copy.png", "test")
     # the byte copy has the same phash too, but it is an exact duplicate, not counted again as near
-    assert rep.near.pairs == 1, rep.near
+    assert rep.near.pairs == rep.near.candidates == 1, rep.near
     nx = rep.near.examples[0]
     assert (nx["a"], nx["b"]) == ("train/B/B0.png", "test/B/near.jpg") and nx["distance"] <= 4
+    assert nx["correlation"] >= MIN_SIMILARITY and rep.near.rejected_examples == []
+    assert rep.near.similarity_histogram == {"<0.8": 0, "0.8-0.9": 0, "0.9-0.95": 0, ">=0.95": 1}
+    assert rep.min_similarity == MIN_SIMILARITY
     assert rep.patients.ids == 1 and rep.patients.examples[0]["id"] == "p-train-A0"
     assert rep.patients.examples[0]["splits"] == {"train": 1, "valid": 1}
     assert rep.groups.ids == 1 and rep.groups.examples[0]["id"] == "g-train-A1"
@@ -108,6 +114,116 @@ def test_clean_dataset_has_no_findings(clean):
     assert not rep.leakage and rep.leak_messages() == []
     assert rep.exact.pairs == rep.near.pairs == rep.patients.ids == rep.groups.ids == 0
     assert rep.patients.present and rep.groups.present
+
+
+def _corr(root: Path, a: str, b: str) -> float:
+    from cxr_fastai.images import read_grey, squash
+
+    x, y = (squash(read_grey(root / p), 32).astype(np.float64).ravel() for p in (a, b))
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def test_phash_collisions_between_different_pictures_are_candidates_not_confirmed(leaky, monkeypatch):
+    # every image gets one of 4 hashes (0..3, at most 2 bits apart): every cross-split pair is a candidate,
+    # through both the same-hash and the different-hash paths; only the planted re-save is the same picture
+    monkeypatch.setattr(audit_mod, "_phash_int", lambda arr: int(arr.sum()) % 4)
+    rep = audit(leaky, workers=2)
+    # 20 images, train 6 / valid 6 / test 8: (20^2 - 6^2 - 6^2 - 8^2) / 2 = 132 cross pairs, less the byte copy
+    assert rep.near.candidates == 131 and sum(rep.near.similarity_histogram.values()) == 131
+    assert sum(rep.near.candidates_by_distance.values()) == 131
+    assert rep.near.pairs == 1 and rep.near.images_by_split == {"train": 1, "valid": 0, "test": 1}
+    nx = rep.near.examples[0]
+    assert (nx["a"], nx["b"]) == ("train/B/B0.png", "test/B/near.jpg")
+    assert nx["correlation"] == pytest.approx(_corr(leaky, nx["a"], nx["b"]), abs=1e-4)
+    # the rejected ones are different pictures, most similar first, with their correlation
+    rj = rep.near.rejected_examples
+    assert len(rj) == audit_mod.MAX_EXAMPLES and all(e["correlation"] < MIN_SIMILARITY for e in rj)
+    assert [e["correlation"] for e in rj] == sorted((e["correlation"] for e in rj), reverse=True)
+    assert rj[0]["correlation"] == pytest.approx(_corr(leaky, rj[0]["a"], rj[0]["b"]), abs=1e-4)
+    # only the confirmed pair counts as leakage: the same 4 messages as without the collisions
+    assert len(rep.leak_messages()) == 4 and "1 near-duplicate pair(s)" in rep.leak_messages()[1]
+
+
+def test_two_different_noise_images_with_the_same_phash_are_not_a_leak(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "ds"
+    for split in ("train", "valid"):
+        for c in ("A", "B"):
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(root / split / c / "x.png")
+    monkeypatch.setattr(audit_mod, "_phash_int", lambda arr: 0)
+    rep = audit(root, workers=1)
+    assert rep.near.candidates == 4 and rep.near.candidates_by_distance == {"0": 4}
+    assert rep.near.pairs == 0 and rep.near.examples == [] and not rep.leakage
+    assert all(abs(e["correlation"]) < 0.5 for e in rep.near.rejected_examples)
+    assert "0 pair(s) confirmed of 4 phash candidate(s)" in "\n".join(rep.summary_lines())
+    # with the confirmation off (-1 accepts any correlation) they would all count, as phash alone did
+    assert audit(root, workers=1, min_similarity=-1.0).near.pairs == 4
+
+
+def test_each_image_is_decoded_once(leaky, monkeypatch):
+    import cxr_fastai.data as data_mod
+
+    calls: list[str] = []
+    real = data_mod.read_grey
+    monkeypatch.setattr(data_mod, "read_grey", lambda p: calls.append(str(p)) or real(p))
+    rep = audit(leaky, workers=1)
+    assert len(calls) == len(set(calls)) == rep.n_images == 20
+
+
+def test_thumbnails_are_standardised_and_flat_ones_never_match():
+    from cxr_fastai.audit import _thumb
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (50, 70), dtype=np.uint8)
+    t = _thumb(a)
+    assert t.dtype == np.float32 and t.shape == (1024,)
+    assert float(t @ t) / 1024 == pytest.approx(1.0, abs=1e-5)
+    brighter = _thumb(np.clip(a.astype(np.int16) + 5, 0, 255).astype(np.uint8))
+    assert float(t @ brighter) / 1024 > 0.99
+    assert not _thumb(np.full((40, 40), 7, np.uint8)).any()
+
+
+def test_near_duplicates_equal_brute_force():
+    """Candidates, confirmations, histogram and images against an all-pairs loop, on made-up hashes with
+    big buckets (so the blockwise paths run too), byte copies inside buckets and correlations of every size."""
+    rng = np.random.default_rng(5)
+    n = 400
+    base = np.array([0, 1, 3, 0b111000, 1 << 40], np.uint64)        # 0/1/3 within 2 bits; the others far
+    hk = rng.integers(0, len(base), n)
+    h = base[hk]
+    splits = rng.choice(["train", "valid", "test"], n).tolist()
+    shas = [f"s{i}" for i in range(n)]
+    for i in range(0, n - 1, 25):                                   # some byte copies (same hash by construction)
+        shas[i + 1], h[i + 1] = shas[i], h[i]
+    shas[7] = None                                                  # an unreadable file's hash: never a copy
+    protos = rng.normal(size=(12, 1024))
+    x = protos[rng.integers(0, 12, n)] + rng.uniform(0.05, 1.5, (n, 1)) * rng.normal(size=(n, 1024))
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    thumbs = x.astype(np.float32)
+    paths = [f"p{i}.png" for i in range(n)]
+    rep = near_duplicates([int(v) for v in h], thumbs, shas, splits, paths, 4, 0.9)
+
+    a, b = np.triu_indices(n, 1)
+    d = np.array([bin(int(v)).count("1") for v in (h[a] ^ h[b])])
+    sa, sb = np.array([s or f"?{i}" for i, s in enumerate(shas)])[a], np.array([s or f"?{i}" for i, s in enumerate(shas)])[b]
+    sp = np.array(splits)
+    cand = (d <= 4) & (sp[a] != sp[b]) & (sa != sb)
+    r = (thumbs[a[cand]] * thumbs[b[cand]]).sum(1) / 1024
+    conf = r >= np.float32(0.9)
+    assert rep.candidates == cand.sum() > 5000 and rep.pairs == conf.sum() > 100
+    assert rep.pairs < rep.candidates
+    edges = np.searchsorted(np.float32([0.8, 0.9, 0.95]), r.astype(np.float32), side="right")
+    assert list(rep.similarity_histogram.values()) == np.bincount(edges, minlength=4).tolist()
+    dc = d[cand]
+    assert rep.candidates_by_distance == {str(k): int((dc == k).sum()) for k in np.unique(dc)}
+    assert rep.pairs_by_distance == {str(k): int((dc[conf] == k).sum()) for k in np.unique(dc[conf])}
+    inv = np.zeros(n, bool)
+    inv[a[cand][conf]] = inv[b[cand][conf]] = True
+    assert rep.images_by_split == {s: int((inv & (sp == s)).sum()) for s in ("train", "valid", "test")}
+    ex = rep.examples
+    assert len(ex) == 50 and [e["distance"] for e in ex] == sorted(e["distance"] for e in ex)
+    assert all(e["correlation"] >= 0.9 and e["split_a"] != e["split_b"] for e in ex)
 
 
 def test_unreadable_image_is_listed_not_fatal(tmp_path):
@@ -158,6 +274,25 @@ def test_cli_strict_with_leakage_exits_1_with_one_error_line(leaky, tmp_path):
     assert "exact duplicate" in errors[0] and "patient" in errors[0]
     rep = json.loads(out.read_text())   # written before failing, and valid JSON
     assert rep["leakage"] is True and rep["exact"]["pairs"] == 1 and rep["near"]["pairs"] == 1
+    assert rep["near"]["candidates"] == 1 and rep["min_similarity"] == MIN_SIMILARITY
+    assert rep["near"]["examples"][0]["correlation"] >= MIN_SIMILARITY
+
+
+def test_cli_min_similarity_above_the_pair_leaves_a_candidate_unconfirmed(leaky, tmp_path):
+    import inspect
+
+    from cxr_fastai.cli import audit_cmd
+
+    assert inspect.signature(audit_cmd).parameters["min_similarity"].default.default == MIN_SIMILARITY
+    out = tmp_path / "r.json"
+    res = cli("audit", leaky, "--out", out, "--min-similarity", "1")
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "0 pair(s) confirmed of 1 phash candidate(s)" in res.stdout
+    assert not any("near-duplicate" in ln for ln in res.stderr.splitlines())
+    rep = json.loads(out.read_text())
+    assert rep["near"]["pairs"] == 0 and rep["near"]["candidates"] == 1 and rep["min_similarity"] == 1.0
+    assert rep["near"]["rejected_examples"][0]["b"] == "test/B/near.jpg"
+    assert cli("audit", leaky, "--min-similarity", "1.5").exit_code == 2
 
 
 def test_cli_without_strict_warns_and_exits_0(leaky, tmp_path):

@@ -61,3 +61,40 @@ def test_a_compiled_model_trains_and_still_exports_the_plain_module(tmp_path):
         p = run_cli("predict", art, data / "test", *extra)
         assert p.returncode == 0, p.stderr
         assert len(p.stdout.strip().splitlines()) == 1 + 9
+
+
+def test_label_smoothing_and_inverse_frequency_class_weights_reach_the_loss(tiny):
+    from cxr_fastai.fastpath import build_cached_dls
+    from cxr_fastai.train import make_loss
+
+    items, classes, stats = tiny
+    items = items[~((items.split == "train") & (items.label == "NORMAL") & (items.index % 2 == 0))]
+    cfg = TrainConfig(size=16, bs=4, label_smoothing=0.1, class_weights=True)
+    dls = build_cached_dls(items, classes, stats, cfg, "cpu")
+    loss = make_loss(cfg, dls)
+    assert loss.func.label_smoothing == 0.1
+    counts = torch.bincount(dls.train.y, minlength=3).float()
+    w = loss.func.weight
+    assert torch.allclose(w * counts, (w * counts)[0].expand(3))  # weight x count is the same for every class
+    assert w[classes.index("NORMAL")] > w[classes.index("COVID19")]
+    plain = make_loss(TrainConfig(size=16), dls)
+    assert plain.func.weight is None and plain.func.label_smoothing == 0.0
+
+
+def test_exclude_source_leaves_those_images_out_and_names_an_unknown_source(tiny, tmp_path):
+    import pandas as pd
+
+    from conftest import run_cli
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "d", {"train": 6, "valid": 3, "test": 0}, size=32)
+    df = pd.read_csv(data / "labels.csv", dtype=str)
+    df.loc[df.index % 3 == 0, "source"] = "siteB"
+    df.to_csv(data / "labels.csv", index=False)
+    r = run_cli("train", data, "--run", tmp_path / "run", "--size", 16, "--epochs", 1, "--exclude-source", "siteB",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    used = pd.read_csv(tmp_path / "run" / "items.csv")
+    assert len(used) == int((df.source != "siteB").sum())
+    bad = run_cli("train", data, "--run", tmp_path / "run2", "--exclude-source", "nowhere")
+    assert bad.returncode == 1 and "nowhere" in bad.stderr and not (tmp_path / "run2").exists()
