@@ -1,0 +1,113 @@
+"""Run training recipes through the CLI and collect an ablation table (valid, and test when asked).
+
+    .venv/bin/python benchmarks/ablation.py --data ../shared/data/cxr3 --out runs/ablation \
+        --recipes base ls01 cw --epochs 3 --size 32 [--test] [--json]
+
+Each recipe is `cxr-fastai train` + `export` + `evaluate --split valid` (and `--split test` with --test),
+timed end to end. Results go to OUT/results.jsonl (one line per recipe, appended) so an interrupted
+ablation keeps what it measured; `--table` prints the markdown table from that file.
+Choices are made on validation; run --test only for the recipes compared at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPES: dict[str, list[str]] = {
+    "base": [],                                        # the train defaults
+    "lr4e-3": ["--lr", "4e-3"],
+    "lr1e-3": ["--lr", "1e-3"],
+    "bs128": ["--bs", "128"],
+    "ls0.1": ["--label-smoothing", "0.1"],
+    "cw": ["--class-weights"],
+    "minscale0.6": ["--min-scale", "0.6"],
+    "wd5e-4": ["--wd", "5e-4"],
+    "no-nih": ["--exclude-source", "darkcovidnet_nih"],  # leave-one-source-out
+}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_fastai", *args], capture_output=True, text=True)
+
+
+def evaluate(art: Path, data: str, split: str, extra: list[str], must: bool = True) -> dict | None:
+    out = art.parent / f"{art.name}-{split}{'-' + extra[-1] if extra else ''}.json"
+    r = cli("evaluate", str(art), data, "--split", split, "--out", str(out), *extra)
+    if r.returncode != 0:
+        if not must:
+            return None
+        raise SystemExit(f"evaluate failed: {r.stderr.strip()}")
+    m = json.loads(out.read_text())
+    return {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "n": m["n"],
+            "sensitivity": {c: v["sensitivity"] for c, v in m["per_class"].items()},
+            "ci95_accuracy": m.get("ci95", {}).get("accuracy")}
+
+
+def run_recipe(name: str, args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    run, art = out / name, out / f"{name}-export"
+    flags = ["--size", str(args.size), "--epochs", str(args.epochs), *RECIPES[name]]
+    t0 = time.perf_counter()
+    r = cli("train", args.data, "--run", str(run), *flags, "--force", "--quiet")
+    if r.returncode != 0:
+        raise SystemExit(f"train {name} failed: {r.stderr.strip()}")
+    train_s = time.perf_counter() - t0
+    r = cli("export", str(run), "--to", str(art), "--force")
+    if r.returncode != 0:
+        raise SystemExit(f"export {name} failed: {r.stderr.strip()}")
+    row = {"recipe": name, "command": f"cxr-fastai train DATA {' '.join(flags)}", "device": args.device_name,
+           "train_wall_s": round(train_s, 1), "valid": evaluate(art, args.data, "valid", [])}
+    if args.test:
+        row["test"] = evaluate(art, args.data, "test", [])
+    if name == "no-nih":
+        # the unseen source: its images from every split, scored by a model that never saw one
+        row["held_out_source"] = {s: evaluate(art, args.data, s, ["--source", "darkcovidnet_nih"], must=False)
+                                  for s in ("train", "valid", "test")}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| recipe | command | device | train wall | valid acc | valid bal. acc | test acc | test sens. "
+            "COVID19 / NORMAL / PNEUMONIA |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        t = r.get("test")
+        sens = " / ".join(f"{v:.3f}" for v in t["sensitivity"].values()) if t else "not run"
+        lines.append(f"| {r['recipe']} | `{r['command']}` | {r['device']} | {r['train_wall_s'] / 60:.1f} min | "
+                     f"{r['valid']['accuracy']:.4f} | {r['valid']['balanced_accuracy']:.4f} | "
+                     f"{t['accuracy']:.4f} | {sens} |" if t else
+                     f"| {r['recipe']} | `{r['command']}` | {r['device']} | {r['train_wall_s'] / 60:.1f} min | "
+                     f"{r['valid']['accuracy']:.4f} | {r['valid']['balanced_accuracy']:.4f} | not run | not run |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/cxr3")
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--recipes", nargs="*", default=["base"], choices=sorted(RECIPES))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--test", action="store_true", help="also evaluate on the test split")
+    ap.add_argument("--table", action="store_true", help="print the table of results so far and exit")
+    args = ap.parse_args()
+    args.device_name = f"CPU ({platform.machine()}, 2 cores)"
+    res = Path(args.out) / "results.jsonl"
+    if not args.table:
+        res.parent.mkdir(parents=True, exist_ok=True)
+        for name in args.recipes:
+            row = run_recipe(name, args)
+            with open(res, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()] if res.exists() else []
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
