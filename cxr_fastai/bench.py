@@ -52,7 +52,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
     import torch
     import torch.nn.functional as F
 
-    from .fastpath import random_resized_crop
+    from .fastpath import normalise, random_resized_crop
     from .model import ResNet9
 
     torch.manual_seed(cfg.seed)
@@ -77,7 +77,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
         perm = torch.randperm(n, generator=gen).to(device)
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
-            xb = (x[idx].float().div_(255.0) - stats.mean) / stats.std
+            xb = normalise(x[idx], stats.mean, stats.std)
             xb = random_resized_crop(xb, cfg.size, 0.35, gen)
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -101,11 +101,13 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
 def _accuracy(model, vx, vy, stats, device, bs) -> float:
     import torch
 
+    from .fastpath import normalise
+
     model.eval()
     correct = 0
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for i in range(0, len(vy), bs):
-            xb = (vx[i:i + bs].float().div_(255.0) - stats.mean) / stats.std
+            xb = normalise(vx[i:i + bs], stats.mean, stats.std)
             correct += int((model(xb).argmax(1) == vy[i:i + bs]).sum())
     return correct / len(vy)
 
@@ -158,12 +160,13 @@ def predict_figures(learn_model, cache, stats, art_size: int, paths: list[str], 
     import torch
 
     from .data import decode_many
+    from .fastpath import normalise, to_model_input
     from .images import squash
 
     model = learn_model.eval().float()
     n = min(len(paths), len(cache.y_valid))
     vx = cache.x_valid[:n].to(device)
-    xs = ((vx.float() / 255.0 - stats.mean) / stats.std)
+    xs = normalise(vx, stats.mean, stats.std)
 
     def forward_all(x):
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -177,7 +180,7 @@ def predict_figures(learn_model, cache, stats, art_size: int, paths: list[str], 
     _sync(device)
     raw = n / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    forward_all((vx.float() / 255.0 - stats.mean) / stats.std)
+    forward_all(normalise(vx, stats.mean, stats.std))
     _sync(device)
     from_cache = n / (time.perf_counter() - t0)
     # from JPEG files: threaded decode + squash, batched forward, as `cxr-fastai predict` does
@@ -186,10 +189,10 @@ def predict_figures(learn_model, cache, stats, art_size: int, paths: list[str], 
     for _, arr, _ in decode_many(paths[:n], 8 if device.type == "cuda" else 2, fn=lambda a: squash(a, art_size)):
         batch.append(arr)
         if len(batch) == bs:
-            forward_all((torch.from_numpy(np.stack(batch))[:, None].to(device).float() / 255.0 - stats.mean) / stats.std)
+            forward_all(to_model_input(batch, stats.mean, stats.std, device))
             batch = []
     if batch:
-        forward_all((torch.from_numpy(np.stack(batch))[:, None].to(device).float() / 255.0 - stats.mean) / stats.std)
+        forward_all(to_model_input(batch, stats.mean, stats.std, device))
     _sync(device)
     files = n / (time.perf_counter() - t0)
     return {"raw_forward_img_s": raw, "predict_cache_img_s": from_cache, "predict_img_s": files, "predict_n": n}

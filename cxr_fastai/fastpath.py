@@ -99,6 +99,19 @@ def build_cache(items: pd.DataFrame, classes: Sequence[str], size: int, workers:
     return cache
 
 
+def normalise(x_u8, mean: float, std: float):
+    """uint8 pixels (any shape, any device) -> float32 model input: /255, then the training stats.
+    The one definition every path uses (training batches, predict, bench, Grad-CAM)."""
+    return (x_u8.float().div_(255.0) - mean) / std
+
+
+def to_model_input(arrays, mean: float, std: float, device="cpu"):
+    """A list of (S, S) uint8 arrays -> (B, 1, S, S) normalised float32 tensor on `device`."""
+    import torch
+
+    return normalise(torch.from_numpy(np.stack(arrays))[:, None].to(device), mean, std)
+
+
 def random_resized_crop(x, size: int, min_scale: float, gen, ratio=(3 / 4, 4 / 3)):
     """Batched RandomResizedCrop: x (B, C, H, W) float -> (B, C, size, size); one affine sampling
     grid per image (crop area fraction in [min_scale, 1], aspect ratio in `ratio`), bilinear."""
@@ -162,7 +175,7 @@ class CachedDL:
         return dl
 
     def _normalise(self, xb):
-        return (xb.float().div_(255.0) - self.stats.mean) / self.stats.std
+        return normalise(xb, self.stats.mean, self.stats.std)
 
     def __iter__(self):
         import torch

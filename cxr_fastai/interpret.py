@@ -91,6 +91,7 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     import torch
     import torch.nn.functional as F
 
+    from .fastpath import to_model_input
     from .images import read_grey, squash
 
     norm = _normaliser(dl)
@@ -101,8 +102,7 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     dev = next(model.parameters()).device
     out: dict[str, np.ndarray] = {}
     for p in paths:
-        x = torch.from_numpy(squash(read_grey(p), size).astype(np.float32) / 255.0)[None, None].to(dev)
-        x = norm(x)
+        x = to_model_input([squash(read_grey(p), size)], *norm, device=dev)
         feats = model.forward_features(x).detach().requires_grad_(True)   # (1, C, h, w)
         logits = model.head(feats.amax((2, 3)))
         c = int(logits.argmax(1))
@@ -124,7 +124,7 @@ def _input_size(dl) -> int:
 
 
 def _normaliser(dl):
-    """The same normalisation as the run's validation batches (fastai Normalize or the cached path's)."""
+    """(mean, std) of the run's validation batches (fastai Normalize or the cached path's)."""
     if hasattr(dl, "stats"):
         m, s = dl.stats.mean, dl.stats.std
     else:
@@ -132,7 +132,7 @@ def _normaliser(dl):
 
         nm = [t for t in dl.after_batch.fs if isinstance(t, Normalize)][0]
         m, s = float(nm.mean.flatten()[0]), float(nm.std.flatten()[0])
-    return lambda x: (x - m) / s
+    return m, s
 
 
 def roc_figure(interp: Interpretation):

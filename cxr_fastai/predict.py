@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -48,11 +47,9 @@ class Predictor:
         self.model = load_model(art).to(self.device)
 
     def preprocess(self, arrays: Sequence[np.ndarray]):
-        import torch
+        from .fastpath import to_model_input
 
-        x = np.stack([squash(a, self.size) for a in arrays])[:, None]          # (B, 1, S, S) uint8
-        x = torch.from_numpy(x).to(self.device).float().div_(255.0)
-        return (x - self.art.mean) / self.art.std
+        return to_model_input([squash(a, self.size) for a in arrays], self.art.mean, self.art.std, self.device)
 
     def probs(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         import torch
