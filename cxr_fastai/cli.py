@@ -84,13 +84,16 @@ def _quiet_log(quiet: bool):
 @contextlib.contextmanager
 def _errors(interrupt_hint: str = "") -> Iterator[None]:
     """Our exceptions become one line on stderr and exit 1; Ctrl-C exits 130, SIGTERM 143."""
-    old = signal.getsignal(signal.SIGTERM)
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
     def on_term(signum, frame):
         raise Terminated()
 
     with contextlib.suppress(ValueError):  # not in the main thread (some test runners): leave it
         signal.signal(signal.SIGTERM, on_term)
+        # a process started in the background by a non-interactive shell inherits SIGINT ignored;
+        # `kill -INT` must still stop a training cleanly
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except CxrError as e:
@@ -115,7 +118,8 @@ def _errors(interrupt_hint: str = "") -> Iterator[None]:
         raise typer.Exit(1)
     finally:
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGTERM, old[0])
+            signal.signal(signal.SIGINT, old[1])
 
 
 @app.callback(invoke_without_command=True)

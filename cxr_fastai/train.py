@@ -389,7 +389,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         learn.create_opt()
         learn.opt.load_state_dict(ck["opt"])
         start_epoch, best_score, best_epoch = ck["epochs_done"], ck["best_score"], ck["best_epoch"]
-        log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}")
+        log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}" if start_epoch < cfg.epochs else
+            f"{run}: all {cfg.epochs} epochs were trained; finishing the run (best epoch -> learner.pkl)")
     if cfg.compile:
         learn.model = torch.compile(learn.model)
     RunCheckpoint, Eta, EpochLog = _callbacks()
