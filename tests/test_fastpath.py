@@ -87,15 +87,19 @@ def test_a_changed_file_is_decoded_again_not_served_from_the_cache(small, tmp_pa
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_cached_path_learns_as_well_as_the_pil_path(cxr3_root, tmp_path):
-    """3 epochs on 2,000 real images at 32 px: the final accuracies (900 validation images) within 3 points."""
+    """3 epochs on 2,000 real images at 32 px: final accuracies (900 validation images, mean of 2 seeds)
+    within 3 points."""
     data = make_slice(cxr3_root, tmp_path / "data", {"train": 667, "valid": 300, "test": 0}, seed=1)
     acc = {}
     for path in ("cached", "pil"):
-        run = tmp_path / path
-        # a moderate peak lr: the one-cycle run ends settled, so the last epoch is not a lucky swing
-        r = run_cli("train", data, "--run", run, "--size", 32, "--epochs", 3, "--bs", 64, "--lr", "1e-3",
-                    "--data-path", path, "--quiet")
-        assert r.returncode == 0, r.stderr
-        acc[path] = float(pd.read_csv(run / "history.csv").accuracy.iloc[-1])
+        finals = []
+        for seed in (0, 1):  # the mean of two seeds: one 3-epoch run alone swings by a few points
+            run = tmp_path / f"{path}-{seed}"
+            # a moderate peak lr: the one-cycle run ends settled, so the last epoch is not a lucky swing
+            r = run_cli("train", data, "--run", run, "--size", 32, "--epochs", 3, "--bs", 64, "--lr", "1e-3",
+                        "--seed", seed, "--data-path", path, "--quiet")
+            assert r.returncode == 0, r.stderr
+            finals.append(float(pd.read_csv(run / "history.csv").accuracy.iloc[-1]))
+        acc[path] = sum(finals) / len(finals)
     assert acc["cached"] > 0.6 and acc["pil"] > 0.6, acc
     assert abs(acc["cached"] - acc["pil"]) <= 0.03, acc
