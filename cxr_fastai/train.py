@@ -23,7 +23,7 @@ import pandas as pd
 
 from .audit import cheap_checks
 from .config import TrainConfig, resolve_device, write_json
-from .data import PixelStats, build_dls, check_trainable, discover, scan
+from .data import PixelStats, build_dls, check_items_exist, check_trainable, discover, scan
 from .errors import DataError, RunError
 from .fsutil import atomic_save_path, atomic_write_text
 from .model import MIN_SIZE, ResNet9
@@ -280,8 +280,6 @@ def learner_from_run(info: RunInfo, device: str = "auto"):
     """A Learner over the run's own train/valid items with the best weights loaded (no unpickling)."""
     import torch
 
-    from .data import check_items_exist
-
     device = resolve_device(device)
     items = info.items()
     check_items_exist(items, info)
@@ -328,8 +326,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             raise RunError(f"{run}: this run already finished all {info.cfg.epochs} epochs; nothing to resume")
         cfg = info.cfg
         items = info.items()
-        from .data import check_items_exist
-
         check_items_exist(items, info)
         skipped_n = int(info.meta.get("skipped", 0))
     else:
