@@ -36,7 +36,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def evaluate(art: Path, data: str, split: str, extra: list[str], must: bool = True) -> dict | None:
-    out = art.parent / f"{art.name}-{split}{'-' + extra[-1] if extra else ''}.json"
+    out = art.parent / f"{art.name}-{split}{'-' + extra[-1].strip('-') if extra else ''}.json"
     r = cli("evaluate", str(art), data, "--split", split, "--out", str(out), *extra)
     if r.returncode != 0:
         if not must:
@@ -48,7 +48,43 @@ def evaluate(art: Path, data: str, split: str, extra: list[str], must: bool = Tr
             "ci95_accuracy": m.get("ci95", {}).get("accuracy")}
 
 
+def tta_row(name: str, args: argparse.Namespace) -> dict:
+    """RECIPE+tta: RECIPE's exported model, evaluated with --tta (no new training)."""
+    base = name[: -len("+tta")]
+    out = Path(args.out)
+    art = out / f"{base}-export"
+    rows = [r for r in read_rows(out / "results.jsonl") if r["recipe"] == base]
+    if not art.is_dir() or not rows:
+        raise SystemExit(f"{name}: train recipe {base} first (no {art} or no result row)")
+    row = {"recipe": name, "command": rows[-1]["command"] + "; evaluate --tta", "device": args.device_name,
+           "train_wall_s": rows[-1]["train_wall_s"], "valid": evaluate(art, args.data, "valid", ["--tta"])}
+    if args.test:
+        row["test"] = evaluate(art, args.data, "test", ["--tta"])
+    return row
+
+
+def add_test(names: list[str], args: argparse.Namespace) -> None:
+    """Fill the test column of recipes already trained (the ones compared at the end), in place."""
+    res = Path(args.out) / "results.jsonl"
+    rows = read_rows(res)
+    for r in rows:
+        if r["recipe"] in names and not r.get("test"):
+            base = r["recipe"].removesuffix("+tta")
+            art = Path(args.out) / f"{base}-export"
+            r["test"] = evaluate(art, args.data, "test", ["--tta"] if r["recipe"].endswith("+tta") else [])
+            print(json.dumps({"recipe": r["recipe"], "test": r["test"]}), flush=True)
+    tmp = res.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(res)
+
+
+def read_rows(res: Path) -> list[dict]:
+    return [json.loads(line) for line in res.read_text().splitlines() if line.strip()] if res.exists() else []
+
+
 def run_recipe(name: str, args: argparse.Namespace) -> dict:
+    if name.endswith("+tta"):
+        return tta_row(name, args)
     out = Path(args.out)
     run, art = out / name, out / f"{name}-export"
     flags = ["--size", str(args.size), "--epochs", str(args.epochs), *RECIPES[name]]
@@ -90,7 +126,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/cxr3")
     ap.add_argument("--out", default="runs/ablation")
-    ap.add_argument("--recipes", nargs="*", default=["base"], choices=sorted(RECIPES))
+    ap.add_argument("--recipes", nargs="*", default=["base"],
+                    choices=sorted(RECIPES) + sorted(f"{r}+tta" for r in RECIPES))
+    ap.add_argument("--add-test", nargs="*", default=[], metavar="RECIPE",
+                    help="evaluate these already-trained recipes on the test split and exit")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--test", action="store_true", help="also evaluate on the test split")
@@ -98,15 +137,16 @@ def main() -> None:
     args = ap.parse_args()
     args.device_name = f"CPU ({platform.machine()}, 2 cores)"
     res = Path(args.out) / "results.jsonl"
-    if not args.table:
+    if args.add_test:
+        add_test(args.add_test, args)
+    elif not args.table:
         res.parent.mkdir(parents=True, exist_ok=True)
         for name in args.recipes:
             row = run_recipe(name, args)
             with open(res, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()] if res.exists() else []
-    print(table(rows))
+    print(table(read_rows(res)))
 
 
 if __name__ == "__main__":

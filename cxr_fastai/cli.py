@@ -227,12 +227,13 @@ def predict(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Load model.pkl with fastai (a pickle can run code: only for artifacts you trust)."),
     bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the whole image and five fixed crops (6x the compute)."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
 ):
     """Class probabilities for images; unreadable files get an `error` entry instead of failing the run."""
     from .predict import predict_paths, write_predictions
 
-    cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle)
+    cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle, tta=tta)
     with _errors():
         _out_file(out, "--out", f"predictions.{fmt.value}")
         if trust_pickle:
@@ -255,6 +256,7 @@ def evaluate(
     bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
     source: List[str] = typer.Option([], "--source", help="Only images of this labels.csv source (repeatable)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the whole image and five fixed crops (6x the compute)."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
 ):
     """Accuracy, balanced accuracy, confusion matrix and per-class sensitivity/specificity/PPV/NPV/F1."""
@@ -267,7 +269,7 @@ def evaluate(
         raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
     with _errors():
         _out_file(out, "--out", "metrics.json")
-        res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value),
+        res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value, tta=tta),
                             warn=_warn, sources=tuple(source))
         if out is not None:
             write_metrics(res, out)

@@ -61,6 +61,7 @@ class PredictConfig:
     workers: int = 4               # decoding threads (Pillow releases the GIL while decoding)
     device: str = "auto"
     trust_pickle: bool = False     # load model.pkl with fastai (can execute code) instead of safetensors
+    tta: bool = False              # average the whole image and five fixed crops (6 forward passes)
 
 
 @dataclass(frozen=True)

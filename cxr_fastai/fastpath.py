@@ -116,7 +116,6 @@ def random_resized_crop(x, size: int, min_scale: float, gen, ratio=(3 / 4, 4 / 3
     """Batched RandomResizedCrop: x (B, C, H, W) float -> (B, C, size, size); one affine sampling
     grid per image (crop area fraction in [min_scale, 1], aspect ratio in `ratio`), bilinear."""
     import torch
-    import torch.nn.functional as F
 
     b, dev = x.shape[0], x.device
     u = torch.rand((b, 4), generator=gen, device=gen.device).to(dev)
@@ -127,10 +126,38 @@ def random_resized_crop(x, size: int, min_scale: float, gen, ratio=(3 / 4, 4 / 3
     h = torch.sqrt(area / r).clamp(max=1.0)
     cx = (2 * u[:, 2] - 1) * (1 - w)          # centre in [-1, 1] coordinates, crop inside the image
     cy = (2 * u[:, 3] - 1) * (1 - h)
-    theta = torch.zeros((b, 2, 3), device=dev, dtype=x.dtype)
+    return crop_resize(x, size, w, h, cx, cy)
+
+
+def crop_resize(x, size: int, w, h, cx, cy):
+    """Cut one crop per image and resize it to size x size (bilinear): w, h are the crop's width and height
+    as fractions of the image's, cx, cy its centre in [-1, 1] coordinates; each a (B,) tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    theta = torch.zeros((b, 2, 3), device=x.device, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+TTA_SCALE = 0.85  # side of the test-time crops, as a fraction of the image's side (area ~0.72)
+
+
+def tta_views(x):
+    """Test-time augmentation: the whole image plus five fixed crops (centre and four corners) of side
+    TTA_SCALE, each resized back to the input size -- crops like those training's RandomResizedCrop
+    shows the model. x (B, C, S, S) float -> list of six (B, C, S, S) tensors."""
+    import torch
+
+    b, s = x.shape[0], TTA_SCALE
+    off = 1 - s
+    views = [x]
+    for cx, cy in ((0.0, 0.0), (-off, -off), (off, -off), (-off, off), (off, off)):
+        full = torch.full((b,), s, device=x.device, dtype=x.dtype)
+        views.append(crop_resize(x, x.shape[-1], full, full, torch.full_like(full, cx), torch.full_like(full, cy)))
+    return views
 
 
 class CachedDL:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import PredictConfig, resolve_device
 from .data import decode_many
-from .errors import DataError
+from .errors import CxrError, DataError
 from .export import Artifact, load_model, load_pickle_learner, read_manifest
 from .images import is_image_name, squash
 
@@ -39,10 +39,10 @@ def collect_paths(inputs: Sequence[str | Path]) -> list[Path]:
 class Predictor:
     """Probabilities from uint8 grey arrays; the same preprocessing as validation in training."""
 
-    def __init__(self, art: Artifact, device: str = "cpu"):
+    def __init__(self, art: Artifact, device: str = "cpu", tta: bool = False):
         import torch
 
-        self.art, self.classes, self.size = art, art.classes, art.size
+        self.art, self.classes, self.size, self.tta = art, art.classes, art.size, tta
         self.device = torch.device(resolve_device(device))
         self.model = load_model(art).to(self.device)
 
@@ -54,14 +54,21 @@ class Predictor:
     def probs(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         import torch
 
+        from .fastpath import tta_views
+
         with torch.inference_mode():
             x = self.preprocess(arrays)
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = self.model(x)
-            else:
-                logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            views = tta_views(x) if self.tta else [x]
+            p = sum(torch.softmax(self._forward(v).float(), dim=1) for v in views) / len(views)
+            return p.cpu().numpy()
+
+    def _forward(self, x):
+        import torch
+
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(x)
+        return self.model(x)
 
 
 class PicklePredictor:
@@ -87,7 +94,9 @@ class PicklePredictor:
 
 def load_predictor(artifact: str | Path, cfg: PredictConfig):
     art = read_manifest(artifact)
-    return PicklePredictor(art, cfg.device) if cfg.trust_pickle else Predictor(art, cfg.device)
+    if cfg.trust_pickle and cfg.tta:
+        raise CxrError("--tta works with the safetensors weights only; drop --trust-pickle or --tta")
+    return PicklePredictor(art, cfg.device) if cfg.trust_pickle else Predictor(art, cfg.device, tta=cfg.tta)
 
 
 def iter_probs(pred, paths: Sequence[Path], cfg: PredictConfig) -> Iterator[tuple[Path, np.ndarray | None, str]]:

@@ -122,6 +122,36 @@ def test_predict_in_a_fresh_process_safetensors_and_pickle_paths_agree(artifact,
     np.testing.assert_allclose(pa.sum(1), 1, atol=1e-5)
 
 
+def test_predict_with_tta_averages_crops_and_mostly_agrees_with_plain_predict(artifact, data):
+    test_dir = data / "test"
+    plain = run_cli("predict", artifact, test_dir)
+    tta = run_cli("predict", artifact, test_dir, "--tta")
+    assert plain.returncode == 0 and tta.returncode == 0, plain.stderr + tta.stderr
+    a, b = _read_csv(plain.stdout), _read_csv(tta.stdout)
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    pa = np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in a])
+    pb = np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in b])
+    np.testing.assert_allclose(pb.sum(1), 1, atol=1e-5)
+    assert np.abs(pa - pb).max() > 1e-3          # the crops change the probabilities
+    # and they are the mean of the six views' softmax, each view scored on its own
+    import torch
+
+    from cxr_fastai.export import read_manifest
+    from cxr_fastai.fastpath import tta_views
+    from cxr_fastai.images import read_grey
+    from cxr_fastai.predict import Predictor
+
+    plain_pred = Predictor(read_manifest(artifact), "cpu")
+    arrays = [read_grey(r["path"]) for r in a[:16]]
+    with torch.inference_mode():
+        views = tta_views(plain_pred.preprocess(arrays))
+        want = torch.stack([torch.softmax(plain_pred.model(v), 1) for v in views]).mean(0).numpy()
+    np.testing.assert_allclose(Predictor(read_manifest(artifact), "cpu", tta=True).probs(arrays), want, atol=1e-5)
+    np.testing.assert_allclose(pb[:16], want, atol=2e-6)  # the CLI writes 6 decimals
+    both = run_cli("predict", artifact, test_dir, "--tta", "--trust-pickle")
+    assert both.returncode == 1 and "--tta" in both.stderr and "Traceback" not in both.stderr
+
+
 def test_predict_json_and_out_file(artifact, data, tmp_path):
     out = tmp_path / "p.json"
     r = run_cli("predict", artifact, data / "test" / "NORMAL", "--format", "json", "--out", out)

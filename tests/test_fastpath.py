@@ -13,7 +13,7 @@ import torch
 from conftest import make_slice, run_cli
 from cxr_fastai.config import TrainConfig
 from cxr_fastai.data import build_dls, check_trainable, discover, scan
-from cxr_fastai.fastpath import build_cache, build_cached_dls, random_resized_crop
+from cxr_fastai.fastpath import TTA_SCALE, build_cache, build_cached_dls, random_resized_crop, tta_views
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,26 @@ def test_random_resized_crop_with_full_scale_and_square_ratio_is_a_plain_resize(
     g = torch.Generator().manual_seed(0)
     y = random_resized_crop(x, 64, min_scale=1.0, gen=g, ratio=(1.0, 1.0))
     assert torch.allclose(y, x, atol=1e-3)
+
+
+def test_tta_views_are_the_image_and_five_fixed_crops_of_it():
+    x = torch.arange(2 * 40 * 40, dtype=torch.float32).reshape(2, 1, 40, 40)
+    views = tta_views(x)
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    assert views[0] is x
+    # the centre crop: the middle TTA_SCALE of the image, zoomed in (its range is narrower than the image's)
+    centre = views[1]
+    assert centre.min() > x.min() and centre.max() < x.max()
+    assert torch.allclose(centre.mean(), x.mean(), rtol=1e-3)
+    # the corner crops each keep their own corner of the image: top-left the smallest values, bottom-right the largest
+    tl, br = views[2], views[5]
+    assert tl.mean() < centre.mean() < br.mean()
+    assert tl[..., 0, 0].allclose(x[..., 0, 0], atol=1.0 / TTA_SCALE + 40)  # within a pixel row of the corner
+    assert not torch.equal(views[3], views[4])
+    # every view of a batch is computed per image: image 1's views do not depend on image 0
+    solo = tta_views(x[1:])
+    for a, b in zip(views, solo):
+        assert torch.allclose(a[1:], b)
 
 
 def test_a_changed_file_is_decoded_again_not_served_from_the_cache(small, tmp_path):
