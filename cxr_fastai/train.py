@@ -216,6 +216,38 @@ def _no_decay_callback():
     return NoDecayOnNormBias
 
 
+def _smooth_loss_callback():
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.learner import AvgSmoothLoss
+
+    class DeviceSmoothLoss(AvgSmoothLoss):
+        """fastai's smoothed training loss, the same numbers, kept on the loss's device: fastai's own copies
+        the loss to the host after every batch, which on a GPU stalls the CPU until that step has finished."""
+
+        def accumulate(self, learn):
+            self.count += 1
+            loss = learn.loss.detach().mean()
+            self.val = torch.lerp(loss, self.val.to(loss.device, loss.dtype), self.beta)
+
+    class SmoothLossOnDevice(Callback):
+        """Swap the Recorder's smoothed loss for DeviceSmoothLoss: no host sync per training step. The
+        per-batch losses come back to the host in one copy at the end of the fit."""
+        order = 0  # before the Recorder (50) resets it in before_fit
+
+        def before_fit(self):
+            rec = self.learn.recorder
+            if not isinstance(rec.smooth_loss, DeviceSmoothLoss):
+                rec.smooth_loss = DeviceSmoothLoss(beta=rec.smooth_loss.beta)
+
+        def after_fit(self):
+            rec = self.learn.recorder
+            if rec.losses and all(torch.is_tensor(v) for v in rec.losses):
+                rec.losses = list(torch.stack(rec.losses).float().cpu().unbind())
+
+    return SmoothLossOnDevice
+
+
 def make_opt_func(kind: str, cuda: bool):
     from functools import partial
 
@@ -260,7 +292,7 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
 
     cuda = str(dls.device).startswith("cuda")
     model = ResNet9(n_in=1, n_out=n_classes, widths=cfg.widths)
-    cbs = [GradientClip(cfg.clip)]
+    cbs = [GradientClip(cfg.clip), _smooth_loss_callback()()]
     extra = {}
     if cfg.opt != "fastai":
         cbs.append(_no_decay_callback()())

@@ -40,6 +40,35 @@ def test_weight_decay_is_decoupled_and_skips_norm_and_bias(tiny, opt):
     assert any(type(cb).__name__ == "GradientClip" for cb in learn.cbs)
 
 
+def test_smoothed_training_loss_stays_on_device_and_equals_fastais(tiny):
+    """The Recorder's smoothed loss is not copied to the host each step, yet its numbers are fastai's."""
+    import fastai.callback.schedule  # noqa: F401
+    from fastai.learner import AvgSmoothLoss
+    from fastai.torch_core import set_seed
+
+    from cxr_fastai.fastpath import build_cached_dls
+    from cxr_fastai.train import make_learner
+
+    items, classes, stats = tiny
+    cfg = TrainConfig(size=16, bs=4, epochs=2, widths=(4, 8, 8, 8))
+    runs = []
+    for ours in (True, False):
+        set_seed(0, reproducible=True)
+        learn = make_learner(cfg, build_cached_dls(items, classes, stats, cfg, "cpu"), len(classes))
+        if not ours:
+            learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "SmoothLossOnDevice"])
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(2, 1e-3, wd=cfg.wd)
+        sl = learn.recorder.smooth_loss
+        assert (type(sl).__name__ == "DeviceSmoothLoss") == ours and isinstance(sl, AvgSmoothLoss)
+        runs.append((torch.stack(learn.recorder.losses), learn.recorder.values))
+    (ours_l, ours_v), (theirs_l, theirs_v) = runs
+    assert len(ours_l) == len(theirs_l) == 2 * (len(items[items.split == "train"]) // 4)
+    assert torch.allclose(ours_l, theirs_l, rtol=1e-6) and ours_l.device.type == "cpu"
+    flat = lambda vals: [float(v) for row in vals for v in row]  # noqa: E731
+    assert flat(ours_v) == pytest.approx(flat(theirs_v), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_a_compiled_model_trains_and_still_exports_the_plain_module(tmp_path):
     import json
