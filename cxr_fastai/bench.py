@@ -52,7 +52,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
     import torch
     import torch.nn.functional as F
 
-    from .fastpath import normalise, random_resized_crop
+    from .fastpath import crop_draws, normalise, random_resized_crop
     from .model import ResNet9
 
     torch.manual_seed(cfg.seed)
@@ -75,10 +75,11 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
         _sync(device)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
+        draws = crop_draws(steps, bs, gen, device)
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             xb = normalise(x[idx], stats.mean, stats.std)
-            xb = random_resized_crop(xb, cfg.size, 0.35, gen)
+            xb = random_resized_crop(xb, cfg.size, 0.35, u=draws[i])
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

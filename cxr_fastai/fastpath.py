@@ -112,13 +112,14 @@ def to_model_input(arrays, mean: float, std: float, device="cpu"):
     return normalise(torch.from_numpy(np.stack(arrays))[:, None].to(device), mean, std)
 
 
-def random_resized_crop(x, size: int, min_scale: float, gen, ratio=(3 / 4, 4 / 3)):
+def random_resized_crop(x, size: int, min_scale: float, gen=None, ratio=(3 / 4, 4 / 3), u=None):
     """Batched RandomResizedCrop: x (B, C, H, W) float -> (B, C, size, size); one affine sampling
-    grid per image (crop area fraction in [min_scale, 1], aspect ratio in `ratio`), bilinear."""
+    grid per image (crop area fraction in [min_scale, 1], aspect ratio in `ratio`), bilinear.
+    The crops come from `u`, (B, 4) uniforms on x's device (see crop_draws), or else are drawn from `gen`."""
     import torch
 
-    b, dev = x.shape[0], x.device
-    u = torch.rand((b, 4), generator=gen, device=gen.device).to(dev)
+    if u is None:
+        u = torch.rand((x.shape[0], 4), generator=gen, device=gen.device).to(x.device)
     area = min_scale + (1 - min_scale) * u[:, 0]
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     r = torch.exp(logr)
@@ -127,6 +128,14 @@ def random_resized_crop(x, size: int, min_scale: float, gen, ratio=(3 / 4, 4 / 3
     cx = (2 * u[:, 2] - 1) * (1 - w)          # centre in [-1, 1] coordinates, crop inside the image
     cy = (2 * u[:, 3] - 1) * (1 - h)
     return crop_resize(x, size, w, h, cx, cy)
+
+
+def crop_draws(n_batches: int, bs: int, gen, device):
+    """The uniforms for a whole epoch's crops, (n_batches, bs, 4), drawn from the CPU generator `gen`
+    and moved to `device` in one copy: a copy per batch would make the host wait for the GPU each step."""
+    import torch
+
+    return torch.rand((n_batches, bs, 4), generator=gen).to(device)
 
 
 def crop_resize(x, size: int, w, h, cx, cy):
@@ -211,6 +220,7 @@ class CachedDL:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
         order = torch.randperm(self.n, generator=gen).to(self.device) if self.shuffle else None
+        draws = crop_draws(len(self), self.bs, gen, self.device) if self.augment else None
         for i in range(len(self)):
             sl = slice(i * self.bs, min((i + 1) * self.bs, self.n))
             idx = order[sl] if order is not None else None
@@ -218,7 +228,7 @@ class CachedDL:
             yb = self.y[idx] if idx is not None else self.y[sl]
             xb = self._normalise(xb)
             if self.augment:
-                xb = random_resized_crop(xb, self.size, self.min_scale, gen)
+                xb = random_resized_crop(xb, self.size, self.min_scale, u=draws[i, :xb.shape[0]])
             elif xb.shape[-1] != self.size:
                 raise DataError(f"cached images are {xb.shape[-1]} px, expected {self.size} px")
             if self.channels_last:
