@@ -31,6 +31,17 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
+def device_name() -> str:
+    """What `train` will run on (its --device auto): the GPU's name, or the CPU and its core count."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cxr_fastai", *args], capture_output=True, text=True)
 
@@ -135,7 +146,7 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="also evaluate on the test split")
     ap.add_argument("--table", action="store_true", help="print the table of results so far and exit")
     args = ap.parse_args()
-    args.device_name = f"CPU ({platform.machine()}, 2 cores)"
+    args.device_name = device_name()
     res = Path(args.out) / "results.jsonl"
     if args.add_test:
         add_test(args.add_test, args)
