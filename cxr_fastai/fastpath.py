@@ -152,20 +152,24 @@ def crop_resize(x, size: int, w, h, cx, cy):
 
 
 TTA_SCALE = 0.85  # side of the test-time crops, as a fraction of the image's side (area ~0.72)
+TTA_SOURCE = 2    # the crops are cut from the image squashed to TTA_SOURCE x the input size, as training's
+                  # crops are cut from its cache at up to 2x (cutting them from the input-size image and
+                  # scaling them up would show the model blurrier images than it was trained on)
 
 
-def tta_views(x):
-    """Test-time augmentation: the whole image plus five fixed crops (centre and four corners) of side
-    TTA_SCALE, each resized back to the input size -- crops like those training's RandomResizedCrop
-    shows the model. x (B, C, S, S) float -> list of six (B, C, S, S) tensors."""
+def tta_views(x, x_large):
+    """Test-time augmentation: the whole image as validation sees it, x (B, C, S, S), plus five fixed
+    crops (centre and four corners) of side TTA_SCALE cut from x_large (B, C, L, L), the same images at
+    a larger size, each resized to S x S -- crops like those training's RandomResizedCrop shows the
+    model. Returns a list of six (B, C, S, S) tensors."""
     import torch
 
-    b, s = x.shape[0], TTA_SCALE
+    b, s, size = x.shape[0], TTA_SCALE, x.shape[-1]
     off = 1 - s
     views = [x]
     for cx, cy in ((0.0, 0.0), (-off, -off), (off, -off), (-off, off), (off, off)):
-        full = torch.full((b,), s, device=x.device, dtype=x.dtype)
-        views.append(crop_resize(x, x.shape[-1], full, full, torch.full_like(full, cx), torch.full_like(full, cy)))
+        side = torch.full((b,), s, device=x_large.device, dtype=x_large.dtype)
+        views.append(crop_resize(x_large, size, side, side, torch.full_like(side, cx), torch.full_like(side, cy)))
     return views
 
 

@@ -46,19 +46,33 @@ class Predictor:
         self.device = torch.device(resolve_device(device))
         self.model = load_model(art).to(self.device)
 
-    def preprocess(self, arrays: Sequence[np.ndarray]):
+    def preprocess(self, arrays: Sequence[np.ndarray], side: int | None = None):
         from .fastpath import to_model_input
 
-        return to_model_input([squash(a, self.size) for a in arrays], self.art.mean, self.art.std, self.device)
+        side = side or self.size
+        return to_model_input([squash(a, side) for a in arrays], self.art.mean, self.art.std, self.device)
 
-    def probs(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    def shrink(self, arr: np.ndarray):
+        """What `probs` needs of one decoded image, as small as it can be: the image squashed to the input
+        size; with TTA also squashed to TTA_SOURCE x the size, for the crops."""
+        from .fastpath import TTA_SOURCE
+
+        small = squash(arr, self.size)
+        return (small, squash(arr, TTA_SOURCE * self.size)) if self.tta else small
+
+    def probs(self, arrays: Sequence) -> np.ndarray:
+        """Probabilities for decoded grey images (any size), or for what `shrink` made of them."""
         import torch
 
-        from .fastpath import tta_views
+        from .fastpath import TTA_SOURCE, tta_views
 
+        shrunk = [a if isinstance(a, tuple) else self.shrink(a) for a in arrays]
         with torch.inference_mode():
-            x = self.preprocess(arrays)
-            views = tta_views(x) if self.tta else [x]
+            if not self.tta:
+                views = [self.preprocess(shrunk)]
+            else:
+                views = tta_views(self.preprocess([a for a, _ in shrunk]),
+                                  self.preprocess([b for _, b in shrunk], TTA_SOURCE * self.size))
             p = sum(torch.softmax(self._forward(v).float(), dim=1) for v in views) / len(views)
             return p.cpu().numpy()
 
@@ -120,7 +134,7 @@ def iter_probs(pred, paths: Sequence[Path], cfg: PredictConfig) -> Iterator[tupl
             yield paths[i], None, err
             continue
         # shrink right away: a batch of full-size radiographs would cost far more memory
-        batch.append((i, arr if isinstance(pred, PicklePredictor) else squash(arr, pred.size)))
+        batch.append((i, arr if isinstance(pred, PicklePredictor) else pred.shrink(arr)))
         if len(batch) >= cfg.bs:
             yield from flush()
     if batch:

@@ -137,14 +137,15 @@ def test_predict_with_tta_averages_crops_and_mostly_agrees_with_plain_predict(ar
     import torch
 
     from cxr_fastai.export import read_manifest
-    from cxr_fastai.fastpath import tta_views
+    from cxr_fastai.fastpath import TTA_SOURCE, tta_views
     from cxr_fastai.images import read_grey
     from cxr_fastai.predict import Predictor
 
     plain_pred = Predictor(read_manifest(artifact), "cpu")
     arrays = [read_grey(r["path"]) for r in a[:16]]
     with torch.inference_mode():
-        views = tta_views(plain_pred.preprocess(arrays))
+        views = tta_views(plain_pred.preprocess(arrays), plain_pred.preprocess(arrays, TTA_SOURCE * plain_pred.size))
+        assert torch.equal(views[0], plain_pred.preprocess(arrays))  # the first view is plain predict's input
         want = torch.stack([torch.softmax(plain_pred.model(v), 1) for v in views]).mean(0).numpy()
     np.testing.assert_allclose(Predictor(read_manifest(artifact), "cpu", tta=True).probs(arrays), want, atol=1e-5)
     np.testing.assert_allclose(pb[:16], want, atol=2e-6)  # the CLI writes 6 decimals

@@ -64,23 +64,26 @@ def test_random_resized_crop_with_full_scale_and_square_ratio_is_a_plain_resize(
     assert torch.allclose(y, x, atol=1e-3)
 
 
-def test_tta_views_are_the_image_and_five_fixed_crops_of_it():
-    x = torch.arange(2 * 40 * 40, dtype=torch.float32).reshape(2, 1, 40, 40)
-    views = tta_views(x)
+def test_tta_views_are_the_image_and_five_fixed_crops_of_its_larger_copy():
+    large = torch.arange(2 * 80 * 80, dtype=torch.float32).reshape(2, 1, 80, 80)
+    x = torch.nn.functional.interpolate(large, size=(40, 40), mode="bilinear", antialias=True)
+    views = tta_views(x, large)
     assert len(views) == 6 and all(v.shape == x.shape for v in views)
     assert views[0] is x
-    # the centre crop: the middle TTA_SCALE of the image, zoomed in (its range is narrower than the image's)
+    # the centre crop: the middle TTA_SCALE of the image, zoomed in (a narrower range, the same centre)
     centre = views[1]
-    assert centre.min() > x.min() and centre.max() < x.max()
-    assert torch.allclose(centre.mean(), x.mean(), rtol=1e-3)
-    # the corner crops each keep their own corner of the image: top-left the smallest values, bottom-right the largest
-    tl, br = views[2], views[5]
-    assert tl.mean() < centre.mean() < br.mean()
-    assert tl[..., 0, 0].allclose(x[..., 0, 0], atol=1.0 / TTA_SCALE + 40)  # within a pixel row of the corner
-    assert not torch.equal(views[3], views[4])
-    # every view of a batch is computed per image: image 1's views do not depend on image 0
-    solo = tta_views(x[1:])
-    for a, b in zip(views, solo):
+    for b in range(2):
+        assert centre[b].min() > large[b].min() and centre[b].max() < large[b].max()
+        assert torch.allclose(centre[b].mean(), large[b].mean(), rtol=1e-3)
+    # each corner crop keeps its own corner: top-left holds the smallest values, bottom-right the largest
+    tl, tr, bl, br = views[2:]
+    assert tl.mean() < tr.mean() < bl.mean() < br.mean()
+    assert abs(tl[0, 0, 0, 0] - large[0, 0, 0, 0]) < 2 * 81   # within about a source pixel of the corner
+    assert abs(br[0, 0, -1, -1] - large[0, 0, -1, -1]) < 2 * 81
+    span = (1 - TTA_SCALE) * 80  # the crop leaves out this many source pixels on one side
+    assert abs((br[0].mean() - tl[0].mean()) - span * 81) < 0.05 * span * 81
+    # computed per image: image 1's views do not depend on image 0
+    for a, b in zip(views, tta_views(x[1:], large[1:])):
         assert torch.allclose(a[1:], b)
 
 
