@@ -239,7 +239,7 @@ def predict(
         if trust_pickle:
             _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
                   "use it only for artifacts you made or trust")
-        res = predict_paths(artifact, inputs, cfg, warn=_warn)
+        res = predict_paths(artifact, inputs, cfg)
         write_predictions(res, out, fmt.value)
     if out is not None:
         _echo(f"{res.n - res.n_errors} image(s) predicted, {res.n_errors} unreadable; written to {out}")

@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -164,8 +164,7 @@ class PredictionResult:
     n_errors: int = 0
 
 
-def predict_paths(artifact: str | Path, inputs: Sequence[str | Path], cfg: PredictConfig = PredictConfig(),
-                  warn: Callable[[str], None] = lambda m: None) -> PredictionResult:
+def predict_paths(artifact: str | Path, inputs: Sequence[str | Path], cfg: PredictConfig = PredictConfig()) -> PredictionResult:
     """Lazy: rows are computed while write_predictions consumes them."""
     paths = collect_paths(inputs)
     pred = load_predictor(artifact, cfg)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import noise_image, write_image
 from cxr_fastai.config import TrainConfig
-from cxr_fastai.data import (COLUMNS, Dataset, PixelStats, build_dls, check_trainable, decode_many, discover,
+from cxr_fastai.data import (COLUMNS, PixelStats, build_dls, check_trainable, decode_many, discover,
                              group_split, scan)
 from cxr_fastai.errors import DataError
 from cxr_fastai.images import read_grey, squash

@@ -1,7 +1,6 @@
 """The cached, device-resident data path agrees with fastai's PIL DataBlock path."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
