@@ -26,6 +26,7 @@ RECIPES: dict[str, list[str]] = {
     "ls0.1": ["--label-smoothing", "0.1"],
     "cw": ["--class-weights"],
     "minscale0.6": ["--min-scale", "0.6"],
+    "minscale0.35": ["--min-scale", "0.35"],      # the default before the 10-epoch comparison
     "wd5e-4": ["--wd", "5e-4"],
     "no-nih": ["--exclude-source", "darkcovidnet_nih"],  # leave-one-source-out
 }

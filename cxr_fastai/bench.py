@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .config import TrainConfig
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -27,6 +29,7 @@ class BenchConfig:
     lr: float = 2e-3
     wd: float = 1e-4
     clip: float = 0.1
+    min_scale: float = TrainConfig.min_scale  # the crop of both paths: train's default
     target_acc: float = 0.0   # 0 = 0.95 on CUDA, 0.85 on CPU
     seed: int = 0
     predict_n: int = 0        # images for the predict figures; 0 = 512 on CPU, 4,096 on CUDA
@@ -79,7 +82,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             xb = normalise(x[idx], stats.mean, stats.std)
-            xb = random_resized_crop(xb, cfg.size, 0.35, u=draws[i])
+            xb = random_resized_crop(xb, cfg.size, cfg.min_scale, u=draws[i])
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -120,12 +123,12 @@ def fastai_path(cache, stats, classes, cfg: BenchConfig, device, epochs: int, t_
     from fastai.callback.core import Callback
     from fastai.torch_core import set_seed
 
-    from .config import TrainConfig
     from .fastpath import build_cached_dls
     from .train import make_learner
 
     set_seed(cfg.seed)
-    tcfg = TrainConfig(size=cfg.size, epochs=epochs, bs=cfg.bs, lr=cfg.lr, wd=cfg.wd, clip=cfg.clip, seed=cfg.seed)
+    tcfg = TrainConfig(size=cfg.size, epochs=epochs, bs=cfg.bs, lr=cfg.lr, wd=cfg.wd, clip=cfg.clip, seed=cfg.seed,
+                       min_scale=cfg.min_scale)
     dls = build_cached_dls(None, classes, stats, tcfg, str(device), cache=cache)
     learn = make_learner(tcfg, dls, len(classes))
     rec: dict[str, Any] = {"train_s": 0.0, "seen": 0, "accs": [], "t_target": None}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pandas as pd
 
+from .config import TrainConfig
 from .data import PixelStats, decode_many
 from .errors import DataError
 from .images import squash
@@ -178,7 +179,7 @@ class CachedDL:
     n_inp = 1
 
     def __init__(self, x, y, bs: int, stats: PixelStats, size: int, *, shuffle: bool, drop_last: bool,
-                 augment: bool, min_scale: float = 0.35, seed: int = 0, device="cpu", vocab=None, items=None,
+                 augment: bool, min_scale: float = TrainConfig.min_scale, seed: int = 0, device="cpu", vocab=None, items=None,
                  channels_last: bool = False):
         self.x, self.y, self.bs, self.stats, self.size = x, y, bs, stats, size
         self.shuffle, self.drop_last, self.augment, self.min_scale = shuffle, drop_last, augment, min_scale

@@ -41,7 +41,7 @@ for stage in "$@"; do
         base) "$PY" benchmarks/ablation.py --data "$DATA" --out "$abl" --size "$size" --epochs "$epochs" \
                   --recipes base base+tta --test ;;
         recipes) "$PY" benchmarks/ablation.py --data "$DATA" --out "$abl" --size "$size" --epochs "$epochs" \
-                     --recipes ls0.1 cw minscale0.6 lr4e-3 no-nih ;;
+                     --recipes ls0.1 cw minscale0.35 lr4e-3 no-nih ;;
         test:*) IFS=, read -ra rs <<< "${stage#test:}"
                 "$PY" benchmarks/ablation.py --data "$DATA" --out "$abl" --add-test "${rs[@]}" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
