@@ -25,11 +25,12 @@ class BenchConfig:
     size: int = 64
     epochs: int = 3
     limit: int = 0            # training images; 0 = 2,048 on CPU, all on CUDA
-    bs: int = 256
-    lr: float = 2e-3
-    wd: float = 1e-4
-    clip: float = 0.1
-    min_scale: float = TrainConfig.min_scale  # the crop of both paths: train's default
+    # the recipe of both paths: train's defaults
+    bs: int = TrainConfig.bs
+    lr: float = TrainConfig.lr
+    wd: float = TrainConfig.wd
+    clip: float = TrainConfig.clip
+    min_scale: float = TrainConfig.min_scale
     target_acc: float = 0.0   # 0 = 0.95 on CUDA, 0.85 on CPU
     seed: int = 0
     predict_n: int = 0        # images for the predict figures; 0 = 512 on CPU, 4,096 on CUDA

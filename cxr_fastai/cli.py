@@ -345,7 +345,7 @@ def bench(
     size: int = typer.Option(64, min=16, max=1024, help="Image side in px."),
     epochs: int = typer.Option(3, min=1, max=1000, help="Epochs per counted run."),
     limit: int = typer.Option(0, min=0, help="Training images (0: 2,048 on CPU, all on CUDA)."),
-    bs: int = typer.Option(256, min=1, max=8192, help="Batch size."),
+    bs: int = typer.Option(D.bs, min=1, max=8192, help="Batch size."),
     target_acc: float = typer.Option(0.0, "--target-acc", min=0.0, max=1.0, help="Validation accuracy for time-to-target (0: 0.95 on CUDA, 0.85 on CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
