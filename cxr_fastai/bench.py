@@ -56,7 +56,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
     import torch
     import torch.nn.functional as F
 
-    from .fastpath import crop_draws, normalise, random_resized_crop
+    from .data.augment import crop_draws, normalise, random_resized_crop
     from .model import ResNet9
 
     torch.manual_seed(cfg.seed)
@@ -106,7 +106,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
 def _accuracy(model, vx, vy, stats, device, bs) -> float:
     import torch
 
-    from .fastpath import normalise
+    from .data.augment import normalise
 
     model.eval()
     correct = 0
@@ -124,8 +124,8 @@ def fastai_path(cache, stats, classes, cfg: BenchConfig, device, epochs: int, t_
     from fastai.callback.core import Callback
     from fastai.torch_core import set_seed
 
-    from .fastpath import build_cached_dls
-    from .train import make_learner
+    from .data.loaders import build_cached_dls
+    from .train.fit import make_learner
 
     set_seed(cfg.seed)
     tcfg = TrainConfig(size=cfg.size, epochs=epochs, bs=cfg.bs, lr=cfg.lr, wd=cfg.wd, clip=cfg.clip, seed=cfg.seed,
@@ -164,9 +164,9 @@ def predict_figures(learn_model, cache, stats, art_size: int, paths: list[str], 
     """img/s of: the raw model on preprocessed tensors; the predictor on the cache; predict from JPEG files."""
     import torch
 
-    from .data import decode_many
-    from .fastpath import normalise, to_model_input
-    from .images import squash
+    from .io.images import decode_many
+    from .data.augment import normalise, to_model_input
+    from .io.images import squash
 
     model = learn_model.eval().float()
     n = min(len(paths), len(cache.y_valid))
@@ -209,8 +209,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
     import fastai.vision.all  # noqa: F401  (counted as import time, reported on its own)
 
     from .config import resolve_device
-    from .data import check_trainable, discover, scan
-    from .fastpath import build_cache
+    from .data.discover import check_trainable, discover, scan
+    from .data.loaders import build_cache
 
     import_s = time.perf_counter() - t_start
     device = torch.device(resolve_device(cfg.device))
@@ -231,7 +231,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
         tr = np.sort(rng.choice(tr, limit, replace=False))
         va = np.sort(rng.choice(va, min(len(va), max(256, limit // 4)), replace=False))
     items = items.loc[np.concatenate([tr, va])].reset_index(drop=True)
-    from .data import Dataset
+    from .data.discover import Dataset
 
     sub = Dataset(ds.root, ds.layout, items, ds.split_given)
     items, skipped, stats = scan(sub, ("train", "valid"), cfg.size, 20_000, cfg.seed)

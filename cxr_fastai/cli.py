@@ -163,7 +163,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ):
     """Train ResNet9 with fastai's fit_one_cycle and keep the epoch with the best validation balanced accuracy."""
-    from .train import train as train_run
+    from .train.fit import train as train_run
 
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
@@ -194,7 +194,7 @@ def interpret(
     force: bool = typer.Option(True, "--force/--no-force", help="Replace an existing report folder."),
 ):
     """Top losses and confusion reports on the validation set (PNG, CSV), written headless."""
-    from .interpret import interpret_run
+    from .evaluate.report import interpret_run
 
     with _errors():
         _out_folder(out, "--out")
@@ -211,7 +211,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
 ):
     """Write model.pkl (fastai learn.export), model.safetensors and manifest.json into one folder, atomically."""
-    from .export import export_run
+    from .artifact.export import export_run
 
     with _errors():
         art = export_run(run, to=to, force=force)
@@ -231,7 +231,7 @@ def predict(
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
 ):
     """Class probabilities for images; unreadable files get an `error` entry instead of failing the run."""
-    from .predict import predict_paths, write_predictions
+    from .artifact.predict import predict_paths, write_predictions
 
     cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle, tta=tta)
     with _errors():
@@ -262,8 +262,8 @@ def evaluate(
     """Accuracy, balanced accuracy, confusion matrix and per-class sensitivity/specificity/PPV/NPV/F1."""
     import json
 
-    from .evaluate import evaluate as evaluate_data
-    from .evaluate import write_metrics
+    from .evaluate.evaluate import evaluate as evaluate_data
+    from .evaluate.evaluate import write_metrics
 
     if split not in ("train", "valid", "test"):
         raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
@@ -291,7 +291,7 @@ def audit_cmd(
     """Leakage across splits (exact and near-duplicate images, patients or groups in two splits) and class-by-source counts.
 
     Near duplicates: phash candidates confirmed by thumbnail correlation."""
-    from .audit import audit, write_report
+    from .data.audit import audit, write_report
     from .errors import DataError
 
     with _errors():

@@ -9,6 +9,13 @@ from typing import Any
 
 SPLITS = ("train", "valid", "test")
 
+# fastai's Adam defaults, used whichever optimizer class runs them (train, and the bench's plain loop)
+ADAM = {"mom": 0.9, "sqr_mom": 0.99, "eps": 1e-5}
+# fastai's fit_one_cycle defaults, written out so that the bench's plain loop can follow the same schedule:
+# lr rises from lr/div to lr over pct_start of the steps (cosine), then falls to lr/div_final; momentum
+# (Adam's beta1) moves the other way, moms[0] -> moms[1] -> moms[2]
+ONE_CYCLE = {"pct_start": 0.25, "div": 25.0, "div_final": 1e5, "moms": (0.95, 0.85, 0.95)}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -97,6 +104,6 @@ def resolve_device(name: str) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    from .fsutil import atomic_write_text
+    from .io.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

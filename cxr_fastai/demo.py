@@ -32,12 +32,12 @@ def _clear(out: Path) -> None:
 
 def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = lambda m: None,
              warn: Callable[[str], None] = lambda m: None) -> DemoResult:
-    from .evaluate import evaluate, write_metrics
-    from .export import export_run
-    from .interpret import interpret_run
-    from .predict import predict_paths, write_predictions
+    from .evaluate.evaluate import evaluate, write_metrics
+    from .artifact.export import export_run
+    from .evaluate.report import interpret_run
+    from .artifact.predict import predict_paths, write_predictions
     from .synth import make_synthetic_dataset
-    from .train import train
+    from .train.fit import train
 
     out = Path(cfg.out)
     _clear(out)

@@ -19,7 +19,7 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image
 
-from .fsutil import atomic_folder
+from .io.files import atomic_folder
 
 CLASSES: tuple[str, ...] = ("COVID19", "NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")

@@ -138,7 +138,7 @@ def strays(dest: Path) -> list[str]:
 def runs(tmp_path_factory):
     import torch
 
-    from cxr_fastai.export import export_run
+    from cxr_fastai.artifact.export import export_run
     from cxr_fastai.synth import make_synthetic_dataset
 
     base = tmp_path_factory.mktemp("atomic_export")
@@ -173,7 +173,7 @@ def existing_old(runs, tmp_path: Path) -> Path:
 
 def whole(runs, dest: Path) -> str:
     """'old' or 'new', after checking the folder is a complete, self-consistent, loadable artifact."""
-    from cxr_fastai.export import load_model, read_manifest, verify_file
+    from cxr_fastai.artifact.export import load_model, read_manifest, verify_file
 
     art = read_manifest(dest)                     # readers recover an interrupted swap
     assert sorted(p.name for p in dest.iterdir()) == sorted([MANIFEST, WEIGHTS, PICKLE])
@@ -197,7 +197,7 @@ def kill_export(run: Path, dest: Path, point: str) -> subprocess.CompletedProces
 @pytest.mark.parametrize("point", list(POINTS))
 def test_killed_export_leaves_old_or_new(runs, tmp_path, point):
     from cxr_fastai.errors import ArtifactError
-    from cxr_fastai.export import export_run
+    from cxr_fastai.artifact.export import export_run
 
     dest = existing_old(runs, tmp_path)
     res = kill_export(runs["b"], dest, point)

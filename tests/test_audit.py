@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import cxr_fastai.audit as audit_mod
-from cxr_fastai.audit import MIN_SIMILARITY, audit, cheap_checks, near_duplicates, near_pairs
+import cxr_fastai.data.audit as audit_mod
+from cxr_fastai.data.audit import MIN_SIMILARITY, audit, near_duplicates, near_pairs
+from cxr_fastai.data.audit import cheap_checks
 from cxr_fastai.cli import app
 
 runner = CliRunner()
@@ -117,7 +118,7 @@ def test_clean_dataset_has_no_findings(clean):
 
 
 def _corr(root: Path, a: str, b: str) -> float:
-    from cxr_fastai.images import read_grey, squash
+    from cxr_fastai.io.images import read_grey, squash
 
     x, y = (squash(read_grey(root / p), 32).astype(np.float64).ravel() for p in (a, b))
     return float(np.corrcoef(x, y)[0, 1])
@@ -162,7 +163,7 @@ def test_two_different_noise_images_with_the_same_phash_are_not_a_leak(tmp_path,
 
 
 def test_each_image_is_decoded_once(leaky, monkeypatch):
-    import cxr_fastai.data as data_mod
+    import cxr_fastai.data.discover as data_mod
 
     calls: list[str] = []
     real = data_mod.read_grey
@@ -172,7 +173,7 @@ def test_each_image_is_decoded_once(leaky, monkeypatch):
 
 
 def test_thumbnails_are_standardised_and_flat_ones_never_match():
-    from cxr_fastai.audit import _thumb
+    from cxr_fastai.data.audit import _thumb
 
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (50, 70), dtype=np.uint8)
@@ -256,7 +257,7 @@ def test_banded_search_equals_brute_force():
 
 
 def test_cheap_checks_cover_train_and_valid_only(leaky):
-    from cxr_fastai.data import discover
+    from cxr_fastai.data.discover import discover
 
     msgs = cheap_checks(discover(leaky).items)
     # the patient is shared train/valid; the group and both duplicates go train/test: not train's business
@@ -324,9 +325,9 @@ def test_cli_missing_folder_is_one_line_error(tmp_path):
 def trained(tmp_path_factory):
     """18 synthetic images (3 classes x 4 train + 2 valid), plus one byte copy of a train image in valid."""
     from cxr_fastai.config import TrainConfig
-    from cxr_fastai.export import export_run
+    from cxr_fastai.artifact.export import export_run
     from cxr_fastai.synth import make_synthetic_dataset
-    from cxr_fastai.train import train
+    from cxr_fastai.train.fit import train
 
     base = tmp_path_factory.mktemp("audit_trained")
     ds = make_synthetic_dataset(base / "ds", {"train": 4, "valid": 2}, size=32)
@@ -349,7 +350,7 @@ def test_train_warns_about_train_valid_copies(trained):
 
 @pytest.mark.slow
 def test_manifest_lists_training_image_hashes(trained):
-    from cxr_fastai.export import sha256_file
+    from cxr_fastai.io.files import sha256_file
 
     hashes = trained["manifest"]["training_images_sha256"]
     assert len(hashes) == 12 and hashes == sorted(hashes) and trained["manifest"]["training_images_missing"] == 0
@@ -359,7 +360,7 @@ def test_manifest_lists_training_image_hashes(trained):
 @pytest.mark.slow
 def test_evaluate_counts_and_warns_about_training_images(trained):
     from cxr_fastai.config import EvalConfig, PredictConfig
-    from cxr_fastai.evaluate import evaluate
+    from cxr_fastai.evaluate.evaluate import evaluate
 
     cfg, ecfg = PredictConfig(device="cpu", workers=2), EvalConfig(n_boot=20)
     warned: list[str] = []

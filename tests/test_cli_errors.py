@@ -530,7 +530,8 @@ def test_real_process_no_arguments_prints_help(tmp_path):
 # ------------------------------------------------------------------------- relative run folders
 
 def test_learner_export_with_a_relative_run_folder(trained, monkeypatch):
-    from cxr_fastai.train import export_learner, learner_from_run, load_run
+    from cxr_fastai.train.fit import export_learner, learner_from_run
+    from cxr_fastai.train.runs import load_run
 
     monkeypatch.chdir(trained["run"].parent)
     info = load_run(Path(trained["run"].name))             # relative, as `--run run` gives it

@@ -10,10 +10,11 @@ import pytest
 
 from conftest import noise_image, write_image
 from cxr_fastai.config import TrainConfig
-from cxr_fastai.data import (COLUMNS, PixelStats, build_dls, check_trainable, decode_many, discover,
-                             group_split, scan)
+from cxr_fastai.data.discover import COLUMNS, PixelStats, check_trainable, discover, group_split, scan
+from cxr_fastai.data.loaders import build_dls
+from cxr_fastai.io.images import decode_many
 from cxr_fastai.errors import DataError
-from cxr_fastai.images import read_grey, squash
+from cxr_fastai.io.images import read_grey, squash
 
 
 def rel_paths(df: pd.DataFrame, root: Path) -> list[str]:

@@ -89,7 +89,7 @@ def test_interpret_writes_top_losses_and_confusion_reports(run, tmp_path):
 
 
 def test_export_folder_holds_pickle_weights_and_a_checked_manifest(artifact, run):
-    from cxr_fastai.export import sha256_file
+    from cxr_fastai.io.files import sha256_file
 
     m = json.loads((artifact / "manifest.json").read_text())
     assert m["classes"] == ["COVID19", "NORMAL", "PNEUMONIA"] and m["input"]["size"] == 32
@@ -136,10 +136,10 @@ def test_predict_with_tta_averages_crops_and_mostly_agrees_with_plain_predict(ar
     # and they are the mean of the six views' softmax, each view scored on its own
     import torch
 
-    from cxr_fastai.export import read_manifest
-    from cxr_fastai.fastpath import TTA_SOURCE, tta_views
-    from cxr_fastai.images import read_grey
-    from cxr_fastai.predict import Predictor
+    from cxr_fastai.artifact.export import read_manifest
+    from cxr_fastai.data.augment import TTA_SOURCE, tta_views
+    from cxr_fastai.io.images import read_grey
+    from cxr_fastai.artifact.predict import Predictor
 
     plain_pred = Predictor(read_manifest(artifact), "cpu")
     arrays = [read_grey(r["path"]) for r in a[:16]]

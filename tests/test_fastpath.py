@@ -11,8 +11,10 @@ import torch
 
 from conftest import make_slice, run_cli
 from cxr_fastai.config import TrainConfig
-from cxr_fastai.data import build_dls, check_trainable, discover, scan
-from cxr_fastai.fastpath import TTA_SCALE, build_cache, build_cached_dls, random_resized_crop, tta_views
+from cxr_fastai.data.loaders import build_dls
+from cxr_fastai.data.discover import check_trainable, discover, scan
+from cxr_fastai.data.augment import TTA_SCALE, random_resized_crop, tta_views
+from cxr_fastai.data.loaders import build_cache, build_cached_dls
 
 
 @pytest.fixture(scope="module")

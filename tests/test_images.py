@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import noise_image, write_image
 from cxr_fastai.errors import ImageReadError
-from cxr_fastai.images import is_image_name, read_grey, squash
+from cxr_fastai.io.images import is_image_name, read_grey, squash
 
 ORIENTATION = 0x0112
 

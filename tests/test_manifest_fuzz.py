@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cxr_fastai.errors import ArtifactError
-from cxr_fastai.export import FORMAT_VERSION, read_manifest, validate_manifest
+from cxr_fastai.artifact.export import FORMAT_VERSION, read_manifest, validate_manifest
 
 GOOD = {
     "format_version": FORMAT_VERSION,

@@ -7,7 +7,7 @@ from cxr_fastai.config import TrainConfig
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cxr_fastai.data import check_trainable, discover, scan
+    from cxr_fastai.data.discover import check_trainable, discover, scan
     from cxr_fastai.synth import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path_factory.mktemp("tr") / "d", {"train": 8, "valid": 4, "test": 0}, size=32)
@@ -20,8 +20,8 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("opt", ["adamw", "fastai"])
 def test_weight_decay_is_decoupled_and_skips_norm_and_bias(tiny, opt):
     import fastai.callback.schedule  # noqa: F401
-    from cxr_fastai.fastpath import build_cached_dls
-    from cxr_fastai.train import make_learner
+    from cxr_fastai.data.loaders import build_cached_dls
+    from cxr_fastai.train.fit import make_learner
 
     items, classes, stats = tiny
     cfg = TrainConfig(size=16, bs=8, epochs=1, wd=0.5, opt=opt, widths=(4, 8, 8, 8))
@@ -46,8 +46,8 @@ def test_smoothed_training_loss_stays_on_device_and_equals_fastais(tiny):
     from fastai.learner import AvgSmoothLoss
     from fastai.torch_core import set_seed
 
-    from cxr_fastai.fastpath import build_cached_dls
-    from cxr_fastai.train import make_learner
+    from cxr_fastai.data.loaders import build_cached_dls
+    from cxr_fastai.train.fit import make_learner
 
     items, classes, stats = tiny
     cfg = TrainConfig(size=16, bs=4, epochs=2, widths=(4, 8, 8, 8))
@@ -93,8 +93,8 @@ def test_a_compiled_model_trains_and_still_exports_the_plain_module(tmp_path):
 
 
 def test_label_smoothing_and_inverse_frequency_class_weights_reach_the_loss(tiny):
-    from cxr_fastai.fastpath import build_cached_dls
-    from cxr_fastai.train import make_loss
+    from cxr_fastai.data.loaders import build_cached_dls
+    from cxr_fastai.train.fit import make_loss
 
     items, classes, stats = tiny
     items = items[~((items.split == "train") & (items.label == "NORMAL") & (items.index % 2 == 0))]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastai.vision.core import PILImageBW
 
-from .images import read_grey
+from ..io.images import read_grey
 
 
 class CxrImage(PILImageBW):

@@ -12,17 +12,16 @@ from __future__ import annotations
 import math
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .config import SPLITS, TrainConfig
-from .errors import DataError, ImageReadError
-from .images import is_image_name, read_grey, squash
+from ..config import SPLITS, TrainConfig
+from ..errors import DataError, ImageReadError
+from ..io.images import decode_many, is_image_name, squash
 
 COLUMNS = ("path", "label", "split", "source", "patient_id", "group")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -263,40 +262,22 @@ def check_trainable(ds: Dataset) -> list[str]:
 
 # -------------------------------------------------------------------------------- decoding and stats
 
-def decode_many(paths: Sequence[str], workers: int = 4,
-                fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterable[tuple[int, np.ndarray | None, str]]:
-    """Yield (index, array or None, error) in order; decoding runs in a thread pool (Pillow drops the GIL)."""
-    def one(i_p: tuple[int, str]):
-        i, p = i_p
-        try:
-            a = read_grey(p)
-            return i, (fn(a) if fn else a), ""
-        except ImageReadError as e:
-            return i, None, str(e)
-
-    if workers <= 1:
-        yield from map(one, enumerate(paths))
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        # bounded look-ahead keeps memory flat however many paths come in
-        chunk = max(64, workers * 16)
-        for start in range(0, len(paths), chunk):
-            yield from pool.map(one, enumerate(paths[start:start + chunk], start))
-
 
 @dataclass
 class PixelStats:
-    mean: float   # of pixel/255 over the training images, at the training size
+    mean: float        # of pixel/255 over the training images, at the training size
     std: float
+    side: float = 0.0  # px: median longer side of the training images as stored (0 = unknown)
 
     def to_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "std": self.std}
+        return {"mean": self.mean, "std": self.std, "side": self.side}
 
 
 def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: int,
          workers: int = 4, progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, Skipped, PixelStats]:
     """Decode every image of `splits` once: drop unreadable ones (listed in Skipped), and compute the
-    pixel mean/std from training images only (a seeded sample of at most stats_limit of them)."""
+    pixel mean/std and the median image side from training images only (a seeded sample of at most
+    stats_limit of them)."""
     items = ds.items[ds.items.split.isin(splits)].reset_index(drop=True)
     train_idx = np.flatnonzero(items.split.to_numpy() == "train")
     if len(train_idx) > stats_limit:
@@ -308,11 +289,13 @@ def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: 
     s = s2 = 0.0
     npx = 0
     paths = items.path.tolist()
+    sides = []
     for i, arr, err in decode_many(paths, workers):
         if arr is None:
             ok[i] = False
             skipped.add(paths[i], err)
         elif for_stats[i]:
+            sides.append(max(arr.shape))
             x = squash(arr, size).astype(np.float64) / 255.0
             s += x.sum()
             s2 += np.square(x).sum()
@@ -327,38 +310,10 @@ def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: 
     std = math.sqrt(max(s2 / npx - mean * mean, 0.0))
     if std < 1e-6:
         raise DataError(f"{ds.root}: every training pixel has the same value; the images carry no information")
-    return items, skipped, PixelStats(mean=float(mean), std=float(std))
+    return items, skipped, PixelStats(mean=float(mean), std=float(std), side=float(np.median(sides)))
 
 
 # ----------------------------------------------------------------------------------- fastai pipeline
-
-def make_datablock(classes: Sequence[str], stats: PixelStats, size: int, min_scale: float):
-    from fastai.data.block import CategoryBlock, DataBlock
-    from fastai.data.transforms import ColReader, ColSplitter, Normalize
-    from fastai.vision.augment import RandomResizedCrop
-    from fastai.vision.data import ImageBlock
-
-    from .fastai_types import CxrImage
-
-    return DataBlock(
-        blocks=(ImageBlock(cls=CxrImage), CategoryBlock(vocab=list(classes))),
-        get_x=ColReader("path"),
-        get_y=ColReader("label"),
-        splitter=ColSplitter("is_valid"),
-        # val_xtra=0: at validation the whole image is squashed to size x size, nothing trimmed
-        item_tfms=RandomResizedCrop(size, min_scale=min_scale, val_xtra=0.0),
-        batch_tfms=[Normalize.from_stats([stats.mean], [stats.std], cuda=False)],
-    )
-
-
-def build_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelStats, cfg: TrainConfig, device: str):
-    """fastai DataLoaders over the train and valid rows of `items` (columns path, label, split)."""
-    df = items[items.split.isin(("train", "valid"))][["path", "label", "split"]].reset_index(drop=True)
-    df["is_valid"] = df.split == "valid"
-    n_train = int((~df.is_valid).sum())
-    bs = max(1, min(cfg.bs, n_train))  # fastai drops the last partial batch: bs > n_train trains nothing
-    dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale)
-    return dblock.dataloaders(df, bs=bs, num_workers=cfg.workers, device=device)
 
 
 def check_items_exist(items: pd.DataFrame, info) -> None:

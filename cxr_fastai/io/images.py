@@ -6,12 +6,14 @@ composited on black, EXIF orientation is applied and palette/CMYK images are con
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageReadError
+from ..errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -94,3 +96,24 @@ def squash(arr: np.ndarray, size: int) -> np.ndarray:
     if arr.shape == (size, size):
         return arr
     return np.asarray(Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def decode_many(paths: Sequence[str], workers: int = 4,
+                fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterable[tuple[int, np.ndarray | None, str]]:
+    """Yield (index, array or None, error) in order; decoding runs in a thread pool (Pillow drops the GIL)."""
+    def one(i_p: tuple[int, str]):
+        i, p = i_p
+        try:
+            a = read_grey(p)
+            return i, (fn(a) if fn else a), ""
+        except ImageReadError as e:
+            return i, None, str(e)
+
+    if workers <= 1:
+        yield from map(one, enumerate(paths))
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # bounded look-ahead keeps memory flat however many paths come in
+        chunk = max(64, workers * 16)
+        for start in range(0, len(paths), chunk):
+            yield from pool.map(one, enumerate(paths[start:start + chunk], start))

@@ -7,11 +7,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import EvalConfig, PredictConfig, write_json
-from .data import discover
-from .errors import DataError
+from ..config import EvalConfig, PredictConfig, write_json
+from ..data.discover import discover
+from ..errors import DataError
+from ..artifact.predict import iter_probs, load_predictor
 from .metrics import Metrics, compute_metrics, source_warnings
-from .predict import iter_probs, load_predictor
 
 
 @dataclass
@@ -95,7 +95,7 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
 def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
     """How many of `paths` have the content (SHA-256) of a training image listed in the manifest; None for
     artifacts exported before the list existed."""
-    from .audit import hash_files
+    from ..io.files import hash_files
 
     known = manifest.get("training_images_sha256")
     if not isinstance(known, list):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fsutil import atomic_folder
+from ..io.files import atomic_folder
 
 
 @dataclass
@@ -91,8 +91,8 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     import torch
     import torch.nn.functional as F
 
-    from .fastpath import to_model_input
-    from .images import read_grey, squash
+    from ..data.augment import to_model_input
+    from ..io.images import read_grey, squash
 
     norm = _normaliser(dl)
     size = _input_size(dl)
@@ -160,7 +160,7 @@ def roc_figure(interp: Interpretation):
 def cam_figure(interp: Interpretation, paths: list[str], title: str):
     from matplotlib.figure import Figure
 
-    from .images import read_grey, squash
+    from ..io.images import read_grey, squash
 
     cols = min(4, max(1, len(paths)))
     rows = max(1, -(-len(paths) // cols))
@@ -186,7 +186,7 @@ def cam_figure(interp: Interpretation, paths: list[str], title: str):
 def top_losses_figure(interp: Interpretation, size: int):
     from matplotlib.figure import Figure
 
-    from .images import read_grey, squash
+    from ..io.images import read_grey, squash
 
     k = len(interp.top_losses)
     cols = min(4, max(k, 1))
@@ -227,7 +227,7 @@ def confusion_figure(interp: Interpretation):
 
 
 def save_report(interp: Interpretation, out: Path, size: int, force: bool = True) -> Report:
-    from .errors import CxrError
+    from ..errors import CxrError
 
     out = Path(out)
     if out.exists() and not force:
@@ -310,7 +310,8 @@ report test-split figures with <code>cxr-fastai evaluate</code>.</p>
 
 def interpret_run(run: str | Path, k: int = 16, out: str | Path | None = None, device: str = "auto",
                   force: bool = True) -> Report:
-    from .train import learner_from_run, load_run
+    from ..train.fit import learner_from_run
+    from ..train.runs import load_run
 
     info = load_run(run)
     learn = learner_from_run(info, device)

@@ -1,12 +1,14 @@
-"""Atomic file and folder replacement: a crash leaves the old content or the new, never a mix."""
+"""Files: atomic replacement (a crash leaves the old content or the new, never a mix) and content hashes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,3 +112,35 @@ def recover_folder(dest: Path, drop_temps: bool = True) -> None:
     if drop_temps and dest.parent.exists():
         for stale in dest.parent.glob(f".{dest.name}.new-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def hash_files(paths: Sequence[str], workers: int = 4) -> list[tuple[str | None, str]]:
+    """(SHA-256 hex or None, error) per path, in order; hashlib drops the GIL, so threads help."""
+    def one(p: str) -> tuple[str | None, str]:
+        try:
+            return sha256_file(Path(p)), ""
+        except OSError as e:
+            return None, f"{p}: cannot read the file ({type(e).__name__}: {e.strerror or e})"
+
+    if workers <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_key(paths: Sequence[str], extra: str) -> str:
+    """A key that changes when any file's content, path or `extra` does (SHA-256 of the SHA-256s)."""
+    h = hashlib.sha256(extra.encode())
+    for p, (digest, err) in zip(paths, hash_files(paths)):
+        if digest is None:
+            raise OSError(err)
+        h.update(f"{p}|{digest}|".encode())
+    return h.hexdigest()[:32]

@@ -37,8 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import SPLITS, TrainConfig, write_json
-from .export import sha256_file
+from ..config import SPLITS, TrainConfig, write_json
+from ..io.files import hash_files, sha256_file
 
 NEAR_DISTANCE = 4      # bits of 64: phash Hamming distance at or below which two images are candidates
 MIN_SIMILARITY = 0.95  # thumbnail correlation at or above which a candidate is confirmed as a near duplicate
@@ -187,7 +187,7 @@ def audit(data: str | Path, workers: int = 4, near_distance: int = NEAR_DISTANCE
           min_similarity: float = MIN_SIMILARITY,
           valid_pct: float = TrainConfig.valid_pct, seed: int = TrainConfig.seed) -> AuditReport:
     """Audit a dataset in any layout `data.discover` accepts (split as `train` would split it)."""
-    from .data import discover
+    from .discover import discover
 
     if not 0 <= near_distance <= 15:
         raise ValueError(f"near_distance must be in 0..15 bits, got {near_distance}")
@@ -223,41 +223,6 @@ def audit(data: str | Path, workers: int = 4, near_distance: int = NEAR_DISTANCE
     )
 
 
-def cheap_checks(items: pd.DataFrame, workers: int = 4) -> list[str]:
-    """The checks `train` can afford before training (no decoding): patient/group overlap from labels.csv
-    and byte-identical images between train and valid. One warning sentence per problem found."""
-    items = items[items.split.isin(("train", "valid"))].reset_index(drop=True)
-    out = []
-    for col, what in (("patient_id", "patient id"), ("group", "duplicate group")):
-        if col not in items.columns:
-            continue
-        ov = overlap(items, col)
-        if ov.ids:
-            out.append(f"{ov.ids} {what}(s) are in both train and valid (e.g. {ov.examples[0]['id']!r}, "
-                       f"{ov.images} images): validation scores will be optimistic; give each {what} a single split "
-                       "(`cxr-fastai audit DATA_DIR` lists them)")
-    shas = [s for s, _ in hash_files(items.path.tolist(), workers)]
-    ex = exact_duplicates(shas, items.split.tolist(), items.path.tolist())
-    if ex.pairs:
-        e = ex.examples[0]
-        out.append(f"{ex.images_by_split.get('valid', 0)} validation image(s) are byte-identical copies of training "
-                   f"images (e.g. {e['b']} = {e['a']}): validation scores will be optimistic; remove the copies "
-                   "(`cxr-fastai audit DATA_DIR` lists them)")
-    return out
-
-
-def hash_files(paths: Sequence[str], workers: int = 4) -> list[tuple[str | None, str]]:
-    """(SHA-256 hex or None, error) per path, in order; hashlib drops the GIL, so threads help."""
-    def one(p: str) -> tuple[str | None, str]:
-        try:
-            return sha256_file(Path(p)), ""
-        except OSError as e:
-            return None, f"{p}: cannot read the file ({type(e).__name__}: {e.strerror or e})"
-
-    if workers <= 1:
-        return [one(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, paths))
 
 
 def _phash_int(arr: np.ndarray) -> int:
@@ -273,7 +238,7 @@ def _thumb(arr: np.ndarray) -> np.ndarray:
     """The image squashed to THUMB_SIZE x THUMB_SIZE, flattened and standardised (mean 0, population std 1)
     as float32, so that the Pearson correlation of two images is dot(a, b) / THUMB_SIZE**2. A flat image
     gives zeros (correlation 0 with anything)."""
-    from .images import squash
+    from ..io.images import squash
 
     x = squash(arr, THUMB_SIZE).astype(np.float32).reshape(-1)
     x -= x.mean()
@@ -289,7 +254,7 @@ def _phashes_and_thumbs(paths: Sequence[str], workers: int
                         ) -> tuple[list[int | None], np.ndarray, list[tuple[str, str]]]:
     """Per path, from ONE decode: the phash (None when unreadable) and the standardised thumbnail, as rows
     of a (N, THUMB_SIZE**2) float32 array (zeros when unreadable); plus (path, error) per unreadable file."""
-    from .data import decode_many
+    from ..io.images import decode_many
 
     out: list[int | None] = [None] * len(paths)
     thumbs = np.zeros((len(paths), THUMB_SIZE * THUMB_SIZE), np.float32)
@@ -589,7 +554,7 @@ def class_by_source(items: pd.DataFrame) -> dict[str, dict[str, dict[str, int]]]
 
 
 def _source_warnings(items: pd.DataFrame) -> list[str]:
-    from .metrics import source_warnings
+    from ..evaluate.metrics import source_warnings
 
     if "source" not in items.columns or not (items.source != "").any():
         return []
@@ -597,3 +562,26 @@ def _source_warnings(items: pd.DataFrame) -> list[str]:
     index = {c: k for k, c in enumerate(classes)}
     src = items.source.where(items.source != "", "(none)").tolist()
     return source_warnings([index[c] for c in items.label], classes, src, threshold=SOURCE_SHARE)
+
+
+def cheap_checks(items: pd.DataFrame, workers: int = 4) -> list[str]:
+    """The checks `train` can afford before training (no decoding): patient/group overlap from labels.csv
+    and byte-identical images between train and valid. One warning sentence per problem found."""
+    items = items[items.split.isin(("train", "valid"))].reset_index(drop=True)
+    out = []
+    for col, what in (("patient_id", "patient id"), ("group", "duplicate group")):
+        if col not in items.columns:
+            continue
+        ov = overlap(items, col)
+        if ov.ids:
+            out.append(f"{ov.ids} {what}(s) are in both train and valid (e.g. {ov.examples[0]['id']!r}, "
+                       f"{ov.images} images): validation scores will be optimistic; give each {what} a single split "
+                       "(`cxr-fastai audit DATA_DIR` lists them)")
+    shas = [s for s, _ in hash_files(items.path.tolist(), workers)]
+    ex = exact_duplicates(shas, items.split.tolist(), items.path.tolist())
+    if ex.pairs:
+        e = ex.examples[0]
+        out.append(f"{ex.images_by_split.get('valid', 0)} validation image(s) are byte-identical copies of training "
+                   f"images (e.g. {e['b']} = {e['a']}): validation scores will be optimistic; remove the copies "
+                   "(`cxr-fastai audit DATA_DIR` lists them)")
+    return out

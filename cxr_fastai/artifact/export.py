@@ -7,27 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, RunError
-from .fsutil import atomic_folder, recover_folder
+from ..errors import ArtifactError, RunError
+from ..io.files import atomic_folder, recover_folder
 
 FORMAT_VERSION = 1
 WEIGHTS, PICKLE, MANIFEST = "model.safetensors", "model.pkl", "manifest.json"
 DEFAULT_EXPORT_DIR = Path("export")
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -60,7 +52,7 @@ def export_run(run: str | Path, to: str | Path | None = None, force: bool = Fals
     import torch
     from safetensors.torch import save_file
 
-    from .train import load_run
+    from ..train.runs import load_run
 
     info = load_run(run)
     pkl = info.path / "learner.pkl"
@@ -118,7 +110,7 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
 def training_hashes(info) -> tuple[list[str], int]:
     """Sorted SHA-256 hex digests of the run's training images (items.csv train rows) and how many of them
     could not be read (moved or deleted since training: export still works, those just go unlisted)."""
-    from .audit import hash_files
+    from ..io.files import hash_files
 
     items = info.items()
     paths = items.loc[items.split == "train", "path"].tolist()
@@ -199,7 +191,7 @@ def load_model(art: Artifact):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .model import ResNet9
+    from ..model import ResNet9
 
     path = verify_file(art, WEIGHTS)
     a = art.manifest["architecture"]
@@ -231,7 +223,7 @@ def load_pickle_learner(art: Artifact):
     """fastai's load_learner on model.pkl (unpickling: runs code). Only for trusted artifacts."""
     from fastai.learner import load_learner
 
-    from . import fastai_types  # noqa: F401  (the pickle refers to it; load_learner hides import errors)
+    from ..data import types  # noqa: F401  (the pickle refers to it; load_learner hides import errors)
 
     path = verify_file(art, PICKLE)
     try:

@@ -10,11 +10,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .config import PredictConfig, resolve_device
-from .data import decode_many
-from .errors import CxrError, DataError
+from ..config import PredictConfig, resolve_device
+from ..errors import CxrError, DataError
+from ..io.images import decode_many, is_image_name, squash
 from .export import Artifact, load_model, load_pickle_learner, read_manifest
-from .images import is_image_name, squash
 
 
 def collect_paths(inputs: Sequence[str | Path]) -> list[Path]:
@@ -47,7 +46,7 @@ class Predictor:
         self.model = load_model(art).to(self.device)
 
     def preprocess(self, arrays: Sequence[np.ndarray], side: int | None = None):
-        from .fastpath import to_model_input
+        from ..data.augment import to_model_input
 
         side = side or self.size
         return to_model_input([squash(a, side) for a in arrays], self.art.mean, self.art.std, self.device)
@@ -55,7 +54,7 @@ class Predictor:
     def shrink(self, arr: np.ndarray):
         """What `probs` needs of one decoded image, as small as it can be: the image squashed to the input
         size; with TTA also squashed to TTA_SOURCE x the size, for the crops."""
-        from .fastpath import TTA_SOURCE
+        from ..data.augment import TTA_SOURCE
 
         small = squash(arr, self.size)
         return (small, squash(arr, TTA_SOURCE * self.size)) if self.tta else small
@@ -64,7 +63,7 @@ class Predictor:
         """Probabilities for decoded grey images (any size), or for what `shrink` made of them."""
         import torch
 
-        from .fastpath import TTA_SOURCE, tta_views
+        from ..data.augment import TTA_SOURCE, tta_views
 
         shrunk = [a if isinstance(a, tuple) else self.shrink(a) for a in arrays]
         with torch.inference_mode():
@@ -93,7 +92,7 @@ class PicklePredictor:
         self.learn = load_pickle_learner(art)
         vocab = list(self.learn.dls.vocab)
         if vocab != self.classes:
-            from .errors import ArtifactError
+            from ..errors import ArtifactError
 
             raise ArtifactError(f"{art.folder}: model.pkl classes {vocab} differ from the manifest's {self.classes}")
 
@@ -191,7 +190,7 @@ def _shown(value: str, encoding: str) -> str:
 
 def write_predictions(res: PredictionResult, out: Path | None, fmt: str = "csv") -> None:
     """Stream rows to `out` (written under a temporary name, renamed at the end) or to stdout."""
-    from .fsutil import atomic_save_path
+    from ..io.files import atomic_save_path
 
     cols = ["path", "prediction", *[f"p_{c}" for c in res.classes], "error"]
 

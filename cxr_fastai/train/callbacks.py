@@ -1,0 +1,162 @@
+"""The fastai callbacks of a training run. Importing this module imports fastai.
+
+Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
+`SmoothLossOnDevice`. Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import AvgSmoothLoss
+
+from ..config import write_json
+from ..io.files import atomic_save_path, atomic_write_text
+from .runs import BEST_METRIC, RunInfo
+
+Log = Callable[[str], None]
+
+
+def unwrap(model):
+    """The plain module behind torch.compile: what checkpoints, weights and pickles hold."""
+    return getattr(model, "_orig_mod", model)
+
+
+class EpochSeed(Callback):
+    """Before each epoch, tell the loaders which epoch it is: the shuffle and the crops of epoch k then
+    depend on (seed, k) only, so a run resumed at epoch k sees what the uninterrupted run would have."""
+    order = -10
+
+    def before_epoch(self):
+        for dl in (self.dls.train, self.dls.valid):
+            if hasattr(dl, "set_epoch"):
+                dl.set_epoch(self.epoch)
+
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, the same numbers, kept on the loss's device: fastai's own copies
+    the loss to the host after every batch, which on a GPU stalls the CPU until that step has finished."""
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.detach().mean()
+        self.val = torch.lerp(loss, self.val.to(loss.device, loss.dtype), self.beta)
+
+
+class SmoothLossOnDevice(Callback):
+    """Swap the Recorder's smoothed loss for DeviceSmoothLoss: no host sync per training step. The
+    per-batch losses come back to the host in one copy at the end of the fit."""
+    order = 0  # before the Recorder (50) resets it in before_fit
+
+    def before_fit(self):
+        rec = self.learn.recorder
+        if not isinstance(rec.smooth_loss, DeviceSmoothLoss):
+            rec.smooth_loss = DeviceSmoothLoss(beta=rec.smooth_loss.beta)
+
+    def after_fit(self):
+        rec = self.learn.recorder
+        if rec.losses and all(torch.is_tensor(v) for v in rec.losses):
+            rec.losses = list(torch.stack(rec.losses).float().cpu().unbind())
+
+
+class RunCheckpoint(Callback):
+    """After each epoch: keep the best epoch's weights (by validation balanced accuracy), the last
+    epoch's weights + optimizer state, and history.csv, each written atomically. Epochs that
+    fastai's SkipToEpoch skips on --resume are ignored."""
+    order = 61  # after Recorder, which fills recorder.values
+
+    def __init__(self, info: RunInfo, start_epoch: int, best_score: float, best_epoch: int):
+        self.info, self.start_epoch = info, start_epoch
+        self.best_score, self.best_epoch = best_score, best_epoch
+        self.history = read_history(info.path / "history.csv", start_epoch)
+
+    def before_epoch(self):
+        self.t_epoch = time.perf_counter()
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch:
+            return
+        names = self.learn.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        vals = {n: float(v) for n, v in zip(names, self.learn.recorder.values[-1])}
+        score = vals.get(BEST_METRIC, float("nan"))
+        model_sd = {k: v.detach().cpu().clone() for k, v in unwrap(self.learn.model).state_dict().items()}
+        if not math.isnan(score) and score > self.best_score:
+            self.best_score, self.best_epoch = score, self.epoch
+            with atomic_save_path(self.info.best_path) as tmp:
+                torch.save(model_sd, tmp)
+            self.info.meta["best"] = {"epoch": self.epoch + 1, **vals}
+        with atomic_save_path(self.info.last_path) as tmp:
+            torch.save({"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
+                        "best_score": self.best_score, "best_epoch": self.best_epoch}, tmp)
+        self.history.append({"epoch": self.epoch + 1, **vals,
+                             "seconds": round(time.perf_counter() - self.t_epoch, 2)})
+        atomic_write_text(self.info.path / "history.csv", pd.DataFrame(self.history).to_csv(index=False))
+        self.info.meta["epochs_done"] = self.epoch + 1
+        write_json(self.info.path / "run.json", self.info.meta)
+
+
+class Eta(Callback):
+    """Log an estimate of the whole run's time after a few batches; warn past an hour."""
+    order = 70
+
+    def __init__(self, log: Log, warn: Log, epochs_left: int, measure: int = 4):
+        self.log, self.warn, self.epochs_left, self.measure, self.done = log, warn, epochs_left, measure, False
+
+    def before_fit(self):
+        self.n_seen, self.t0 = 0, None
+
+    def after_batch(self):
+        if self.done or not self.training:
+            return
+        self.n_seen += 1
+        if self.n_seen == 1:  # the first batch pays one-off costs: start the clock after it
+            self.t0 = time.perf_counter()
+            return
+        if self.n_seen - 1 < min(self.measure, max(1, len(self.dls.train) - 1)):
+            return
+        per_batch = (time.perf_counter() - self.t0) / (self.n_seen - 1)
+        # validation: forward only, ~1/3 of a training batch's cost
+        per_epoch = per_batch * (len(self.dls.train) + len(self.dls.valid) / 3)
+        total = per_epoch * self.epochs_left
+        self.log(f"ETA: ~{fmt_seconds(total)} for {self.epochs_left} epoch(s) (~{fmt_seconds(per_epoch)} per epoch, "
+                 f"{self.dls.train.bs / per_batch:.0f} img/s training)")
+        if total > 3600:
+            self.warn(f"this run will take about {fmt_seconds(total)}; a smaller --size or fewer --epochs, "
+                      "or a GPU, would be much faster")
+        self.done = True
+
+
+class EpochLog(Callback):
+    """One line per epoch through `log` when fastai's progress table is off."""
+    order = 65
+
+    def __init__(self, log: Log, start_epoch: int):
+        self.log, self.start_epoch = log, start_epoch
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch:
+            return
+        names = self.learn.recorder.metric_names[1:-1]
+        vals = self.learn.recorder.values[-1]
+        parts = [f"{n}={v:.4f}" for n, v in zip(names, vals)]
+        self.log(f"epoch {self.epoch + 1}/{self.n_epoch}: " + " ".join(parts))
+
+
+def read_history(path: Path, epochs_done: int) -> list[dict]:
+    """Rows of earlier epochs (on resume), cut to the epochs the last checkpoint holds."""
+    if epochs_done == 0 or not path.is_file():
+        return []
+    return pd.read_csv(path).head(epochs_done).to_dict("records")
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"

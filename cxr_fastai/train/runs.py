@@ -1,0 +1,85 @@
+"""Run folders: what `train` leaves behind, read back for resume, interpret and export.
+
+A run folder holds everything needed to resume, interpret or export without the original command:
+  config.json       the TrainConfig (data path included)
+  run.json          class order, pixel stats, cache side, layout, counts, best epoch and its validation metrics
+  items.csv         the train/valid images actually used (unreadable ones left out)
+  skipped.csv       unreadable images: path,error
+  history.csv       one row per epoch: losses, metrics, seconds
+  checkpoints/      best.pth (weights of the best epoch), last.pth (weights + optimizer + epoch)
+  learner.pkl       fastai `learn.export` of the best model, written when training finishes
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..config import TrainConfig
+from ..data.discover import PixelStats
+from ..errors import RunError
+
+BEST_METRIC = "balanced_accuracy_score"  # fastai's name for BalancedAccuracy(): the epoch kept
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    cfg: TrainConfig
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def stats(self) -> PixelStats:
+        return PixelStats(**self.meta["stats"])
+
+    @property
+    def best_path(self) -> Path:
+        return self.path / "checkpoints" / "best.pth"
+
+    @property
+    def last_path(self) -> Path:
+        return self.path / "checkpoints" / "last.pth"
+
+    def items(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "items.csv", dtype=str, keep_default_na=False)
+
+
+def load_run(run: str | Path, need_best: bool = True) -> RunInfo:
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"{run}: no such run folder; train one with `cxr-fastai train DATA_DIR --run {run}`")
+    for name in ("config.json", "run.json", "items.csv"):
+        if not (run / name).is_file():
+            raise RunError(f"{run}: not a cxr-fastai run folder ({name} is missing); "
+                           "point to the --run folder that `cxr-fastai train` made")
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+        meta = json.loads((run / "run.json").read_text())
+        meta["classes"], meta["stats"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{run}: config.json or run.json is damaged ({type(e).__name__}: {e}); retrain the run") from e
+    info = RunInfo(run, cfg, meta)
+    if need_best and not info.best_path.is_file():
+        raise RunError(f"{run}: no checkpoint ({info.best_path} is missing); the run never finished an epoch — "
+                       f"resume it with `cxr-fastai train --resume --run {run}` or train again")
+    return info
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import fastai
+    import torch
+    import torchvision
+
+    from .. import __version__
+
+    return {"cxr_fastai": __version__, "fastai": fastai.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version()}
