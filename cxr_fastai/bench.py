@@ -8,6 +8,7 @@ and the second run of each counts.
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import ADAM, ONE_CYCLE, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,45 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _param_groups(model, wd: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # BN weights/biases and all biases: no decay
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+def plain_optimizer(model, cfg: BenchConfig, cuda: bool):
+    """torch AdamW with fastai's Adam hyper-parameters (config.ADAM) and the same two parameter groups as
+    `train` (decay on conv/linear weights, none on BN weights and biases)."""
+    import torch
+
+    from .train.fit import decay_groups
+
+    decay, no_decay = decay_groups(model)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(ADAM["mom"], ADAM["sqr_mom"]), eps=ADAM["eps"],
+                             **({"fused": True} if cuda else {"foreach": True}))
+
+
+def _cos(start: float, end: float, pos: float) -> float:
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
+
+
+def one_cycle_at(pos: float, lr: float) -> tuple[float, float]:
+    """(lr, Adam beta1) at fraction `pos` of the run: fastai's fit_one_cycle schedule (config.ONE_CYCLE),
+    written out in plain Python. Any number of steps works (torch's OneCycleLR divides by zero on very
+    short runs)."""
+    pct, (m0, m1, m2) = ONE_CYCLE["pct_start"], ONE_CYCLE["moms"]
+    lo, hi, end = lr / ONE_CYCLE["div"], lr, lr / ONE_CYCLE["div_final"]
+    if pos < pct:
+        p = pos / pct
+        return _cos(lo, hi, p), _cos(m0, m1, p)
+    p = (pos - pct) / (1 - pct)
+    return _cos(hi, end, p), _cos(m1, m2, p)
 
 
 def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: float, target: float,
                valid_x, valid_y) -> dict[str, Any]:
-    """A hand-written loop of the same recipe: AdamW (fused on CUDA, foreach on CPU), OneCycleLR."""
+    """A hand-written loop of the same recipe: AdamW (fused on CUDA, foreach on CPU) with fastai's Adam
+    hyper-parameters, fastai's one-cycle schedule of lr and beta1, gradient-norm clipping, the same
+    per-item antialiased crops drawn on the device."""
     import torch
     import torch.nn.functional as F
 
-    from .data.augment import crop_draws, normalise, random_resized_crop
+    from .data.augment import random_resized_crop
     from .model import ResNet9
 
     torch.manual_seed(cfg.seed)
@@ -64,26 +90,27 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
     model = ResNet9(1, int(cache.y_train.max()) + 1).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.wd), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-5,
-                            **({"fused": True} if cuda else {"foreach": True}))
+    opt = plain_optimizer(model, cfg, cuda)
     x, y = cache.x_train.to(device), cache.y_train.to(device)
     n = len(y)
     bs = min(cfg.bs, n)
     steps = n // bs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, epochs * steps),
-                                                pct_start=0.25, div_factor=25, final_div_factor=1e5)
+    total = max(1, epochs * steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_s, seen, t_target, accs = 0.0, 0, None, []
+    gen_dev = torch.Generator(device=device).manual_seed(cfg.seed)
+    train_s, seen, t_target, accs, step = 0.0, 0, None, [], 0
     for ep in range(epochs):
         model.train()
         _sync(device)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
-        draws = crop_draws(steps, bs, gen, device)
         for i in range(steps):
+            lr, beta1 = one_cycle_at(step / total, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"], g["betas"] = lr, (beta1, g["betas"][1])
             idx = perm[i * bs:(i + 1) * bs]
-            xb = normalise(x[idx], stats.mean, stats.std)
-            xb = random_resized_crop(xb, cfg.size, cfg.min_scale, u=draws[i])
+            u = torch.rand((bs, 4), generator=gen_dev, device=device)
+            xb = (random_resized_crop(x[idx].float().div_(255.0), cfg.size, cfg.min_scale, u) - stats.mean) / stats.std
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -92,7 +119,7 @@ def plain_loop(cache, stats, cfg: BenchConfig, device, epochs: int, t_origin: fl
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
-            sched.step()
+            step += 1
         _sync(device)
         train_s += time.perf_counter() - t0
         seen += steps * bs
@@ -117,7 +144,7 @@ def _accuracy(model, vx, vy, stats, device, bs) -> float:
     return correct / len(vy)
 
 
-def fastai_path(cache, stats, classes, cfg: BenchConfig, device, epochs: int, t_origin: float,
+def fastai_path(cache, stats, classes, items, cfg: BenchConfig, device, epochs: int, t_origin: float,
                 target: float) -> dict[str, Any]:
     """The project's own path: build_cached_dls + make_learner + fit_one_cycle, as `train` does."""
     import fastai.callback.schedule  # noqa: F401
@@ -125,12 +152,12 @@ def fastai_path(cache, stats, classes, cfg: BenchConfig, device, epochs: int, t_
     from fastai.torch_core import set_seed
 
     from .data.loaders import build_cached_dls
-    from .train.fit import make_learner
+    from .train.fit import group_wd, make_learner
 
     set_seed(cfg.seed)
     tcfg = TrainConfig(size=cfg.size, epochs=epochs, bs=cfg.bs, lr=cfg.lr, wd=cfg.wd, clip=cfg.clip, seed=cfg.seed,
                        min_scale=cfg.min_scale)
-    dls = build_cached_dls(None, classes, stats, tcfg, str(device), cache=cache)
+    dls = build_cached_dls(items, classes, stats, tcfg, str(device), cache.side, cache=cache)
     learn = make_learner(tcfg, dls, len(classes))
     rec: dict[str, Any] = {"train_s": 0.0, "seen": 0, "accs": [], "t_target": None}
 
@@ -155,7 +182,7 @@ def fastai_path(cache, stats, classes, cfg: BenchConfig, device, epochs: int, t_
 
     learn.logger = lambda *a: None
     with learn.no_bar():
-        learn.fit_one_cycle(epochs, cfg.lr, wd=cfg.wd, cbs=[Clock()])
+        learn.fit_one_cycle(epochs, cfg.lr, wd=group_wd(tcfg), cbs=[Clock()], **ONE_CYCLE)
     return {"img_s": rec["seen"] / rec["train_s"], "train_s": rec["train_s"], "valid_acc": rec["accs"],
             "time_to_target_s": rec["t_target"], "learn": learn}
 
@@ -210,7 +237,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
 
     from .config import resolve_device
     from .data.discover import check_trainable, discover, scan
-    from .data.loaders import build_cache
+    from .data.loaders import build_cache, cache_side_for
 
     import_s = time.perf_counter() - t_start
     device = torch.device(resolve_device(cfg.device))
@@ -235,7 +262,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
 
     sub = Dataset(ds.root, ds.layout, items, ds.split_given)
     items, skipped, stats = scan(sub, ("train", "valid"), cfg.size, 20_000, cfg.seed)
-    cache = build_cache(items, classes, cfg.size)
+    cache = build_cache(items, classes, cfg.size, cache_side_for(cfg.size, stats.side))
     prep_s = time.perf_counter() - t_origin
     log(f"bench: {len(cache.y_train)} train / {len(cache.y_valid)} valid images at {cfg.size} px on {device}; "
         f"scan + cache {prep_s:.1f} s")
@@ -245,7 +272,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
         return plain_loop(cache, stats, cfg, device, ep, time.perf_counter() - prep_s, target, vx, vy)
 
     def fast(ep):
-        return fastai_path(cache, stats, classes, cfg, device, ep, time.perf_counter() - prep_s, target)
+        return fastai_path(cache, stats, classes, items, cfg, device, ep, time.perf_counter() - prep_s, target)
 
     log("warm-up: one uncounted epoch of each path")
     plain(1)

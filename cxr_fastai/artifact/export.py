@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, RunError
-from ..io.files import atomic_folder, recover_folder
+from ..io.files import atomic_folder, recover_folder, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS, PICKLE, MANIFEST = "model.safetensors", "model.pkl", "manifest.json"
@@ -38,6 +38,12 @@ class Artifact:
     @property
     def size(self) -> int:
         return int(self.manifest["input"]["size"])
+
+    @property
+    def cache_side(self) -> int:
+        """px: the side training's crops were cut from (TTA cuts its crops at it); 2x the input before
+        it was recorded."""
+        return int(self.manifest["input"].get("cache_side") or 2 * self.size)
 
     @property
     def mean(self) -> float:
@@ -78,6 +84,8 @@ def export_run(run: str | Path, to: str | Path | None = None, force: bool = Fals
 
 
 def build_manifest(info, folder: Path) -> dict[str, Any]:
+    from ..train.runs import cache_side
+
     cfg = info.cfg
     meta = info.meta
     train_sha, train_missing = training_hashes(info)
@@ -86,7 +94,7 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": info.classes,
         "input": {"size": cfg.size, "channels": 1, "resize": "squash whole image to size x size, bilinear",
-                  "scale": "pixel / 255 after reading as 8-bit grey"},
+                  "scale": "pixel / 255 after reading as 8-bit grey", "cache_side": cache_side(info)},
         "normalization": {"mean": info.stats.mean, "std": info.stats.std},
         "architecture": {"name": "ResNet9", "n_in": 1, "n_out": len(info.classes), "widths": list(cfg.widths)},
         "training": {**cfg.to_dict(), "layout": meta.get("layout"), "counts": meta.get("counts"),
@@ -166,12 +174,18 @@ def validate_manifest(m: Any, where: Path | str = MANIFEST) -> None:
               and arch.get("name") == "ResNet9" and arch.get("n_out") == len(classes)
               and isinstance(arch.get("n_in"), int) and isinstance(arch.get("widths"), list)
               and len(arch["widths"]) == 4 and all(isinstance(w, int) and 0 < w <= 8192 for w in arch["widths"])
-              and isinstance(files.get(WEIGHTS, {}).get("sha256"), str))
+              and isinstance(files.get(WEIGHTS, {}).get("sha256"), str)
+              and _valid_cache_side(m["input"].get("cache_side"), size))
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: missing or malformed field ({type(e).__name__}: {e}); re-export the model") from e
     if not ok:
         raise ArtifactError(f"{where}: fields have wrong types or values (classes, input.size, normalization, "
                             "architecture, files); re-export the model")
+
+
+def _valid_cache_side(side: Any, size: int) -> bool:
+    """Absent (artifacts made before it was recorded) or a whole number of px from size to 4096."""
+    return side is None or (isinstance(side, int) and not isinstance(side, bool) and size <= side <= 4096)
 
 
 def verify_file(art: Artifact, name: str) -> Path:

@@ -53,17 +53,15 @@ class Predictor:
 
     def shrink(self, arr: np.ndarray):
         """What `probs` needs of one decoded image, as small as it can be: the image squashed to the input
-        size; with TTA also squashed to TTA_SOURCE x the size, for the crops."""
-        from ..data.augment import TTA_SOURCE
-
+        size; with TTA also squashed to the run's cache side, for the crops."""
         small = squash(arr, self.size)
-        return (small, squash(arr, TTA_SOURCE * self.size)) if self.tta else small
+        return (small, squash(arr, self.art.cache_side)) if self.tta else small
 
     def probs(self, arrays: Sequence) -> np.ndarray:
         """Probabilities for decoded grey images (any size), or for what `shrink` made of them."""
         import torch
 
-        from ..data.augment import TTA_SOURCE, tta_views
+        from ..data.augment import tta_views
 
         shrunk = [a if isinstance(a, tuple) else self.shrink(a) for a in arrays]
         with torch.inference_mode():
@@ -71,7 +69,7 @@ class Predictor:
                 views = [self.preprocess(shrunk)]
             else:
                 views = tta_views(self.preprocess([a for a, _ in shrunk]),
-                                  self.preprocess([b for _, b in shrunk], TTA_SOURCE * self.size))
+                                  self.preprocess([b for _, b in shrunk], self.art.cache_side))
             p = sum(torch.softmax(self._forward(v).float(), dim=1) for v in views) / len(views)
             return p.cpu().numpy()
 

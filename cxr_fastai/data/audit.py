@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import SPLITS, TrainConfig, write_json
-from ..io.files import hash_files, sha256_file
+from ..io.files import hash_files
 
 NEAR_DISTANCE = 4      # bits of 64: phash Hamming distance at or below which two images are candidates
 MIN_SIMILARITY = 0.95  # thumbnail correlation at or above which a candidate is confirmed as a near duplicate

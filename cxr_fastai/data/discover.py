@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..config import SPLITS, TrainConfig
-from ..errors import DataError, ImageReadError
+from ..config import SPLITS
+from ..errors import DataError
 from ..io.images import decode_many, is_image_name, squash
 
 COLUMNS = ("path", "label", "split", "source", "patient_id", "group")

@@ -18,7 +18,6 @@ the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence

@@ -21,7 +21,7 @@ from ..data.discover import check_items_exist, check_trainable, discover, scan
 from ..errors import CxrError, DataError, RunError
 from ..io.files import atomic_save_path, atomic_write_text
 from ..model import MIN_SIZE, ResNet9
-from .runs import RunInfo, load_run, versions
+from .runs import RunInfo, cache_side, load_run, versions
 
 Log = Callable[[str], None]
 
@@ -105,11 +105,6 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
         learn.model.to(memory_format=torch.channels_last)
         learn.to_bf16()  # bf16 autocast: no grad-scaler syncs (fp16's to_fp16 syncs twice per step)
     return learn
-
-
-def cache_side(info: RunInfo) -> int:
-    """The run's cache side (run.json); runs made before it was recorded cached at 2x the input size."""
-    return int(info.meta.get("cache_side") or 2 * info.cfg.size)
 
 
 def learner_from_run(info: RunInfo, device: str = "auto"):

@@ -51,6 +51,11 @@ class RunInfo:
         return pd.read_csv(self.path / "items.csv", dtype=str, keep_default_na=False)
 
 
+def cache_side(info: RunInfo) -> int:
+    """The run's cache side (run.json); runs made before it was recorded cached at 2x the input size."""
+    return int(info.meta.get("cache_side") or 2 * info.cfg.size)
+
+
 def load_run(run: str | Path, need_best: bool = True) -> RunInfo:
     run = Path(run)
     if not run.is_dir():
