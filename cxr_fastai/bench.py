@@ -11,30 +11,11 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from .config import ADAM, ONE_CYCLE, TrainConfig
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    data: str = ""
-    device: str = "auto"
-    size: int = 64
-    epochs: int = 3
-    limit: int = 0            # training images; 0 = 2,048 on CPU, all on CUDA
-    # the recipe of both paths: train's defaults
-    bs: int = TrainConfig.bs
-    lr: float = TrainConfig.lr
-    wd: float = TrainConfig.wd
-    clip: float = TrainConfig.clip
-    min_scale: float = TrainConfig.min_scale
-    target_acc: float = 0.0   # 0 = 0.95 on CUDA, 0.85 on CPU
-    seed: int = 0
-    predict_n: int = 0        # images for the predict figures; 0 = 512 on CPU, 4,096 on CUDA
+from .config import ADAM, ONE_CYCLE, BenchConfig, TrainConfig
 
 
 def _sync(device) -> None:

@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .config import DemoConfig, EvalConfig, PredictConfig, TrainConfig
+from .config import AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
 from .errors import CxrError
 
 app = typer.Typer(
@@ -188,7 +188,7 @@ def train(
 @app.command()
 def interpret(
     run: Path = typer.Argument(..., help="A run folder made by `cxr-fastai train`."),
-    k: int = typer.Option(16, "--k", min=1, max=400, help="How many top losses to show."),
+    k: int = typer.Option(InterpretConfig.k, "--k", min=1, max=400, help="How many top losses to show."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default RUN/report)."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
     force: bool = typer.Option(True, "--force/--no-force", help="Replace an existing report folder."),
@@ -284,9 +284,9 @@ def audit_cmd(
     data: Path = typer.Argument(..., help="Dataset root (any layout train accepts)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full report (counts, example pairs, tables) as JSON here."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when anything leaks across splits (duplicates, shared patients or groups)."),
-    near_distance: int = typer.Option(4, "--near-distance", min=0, max=15, help="Perceptual-hash bits (of 64) at or below which two images are near-duplicate candidates."),
-    min_similarity: float = typer.Option(0.95, "--min-similarity", min=-1.0, max=1.0, help="Correlation of the two 32 px grey thumbnails at or above which a candidate is confirmed as a near duplicate (only confirmed ones count as leakage; -1 confirms every candidate)."),
-    workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding and hashing threads."),
+    near_distance: int = typer.Option(AuditConfig.near_distance, "--near-distance", min=0, max=15, help="Perceptual-hash bits (of 64) at or below which two images are near-duplicate candidates."),
+    min_similarity: float = typer.Option(AuditConfig.min_similarity, "--min-similarity", min=-1.0, max=1.0, help="Correlation of the two 32 px grey thumbnails at or above which a candidate is confirmed as a near duplicate (only confirmed ones count as leakage; -1 confirms every candidate)."),
+    workers: int = typer.Option(AuditConfig.workers, min=1, max=64, help="Decoding and hashing threads."),
 ):
     """Leakage across splits (exact and near-duplicate images, patients or groups in two splits) and class-by-source counts.
 
@@ -342,17 +342,17 @@ def main() -> None:
 def bench(
     data: Path = typer.Argument(..., help="Dataset root (any layout train accepts)."),
     device: Device = typer.Option(Device.auto, help="cpu or cuda (auto picks cuda when available)."),
-    size: int = typer.Option(64, min=16, max=1024, help="Image side in px."),
-    epochs: int = typer.Option(3, min=1, max=1000, help="Epochs per counted run."),
-    limit: int = typer.Option(0, min=0, help="Training images (0: 2,048 on CPU, all on CUDA)."),
+    size: int = typer.Option(BenchConfig.size, min=16, max=1024, help="Image side in px."),
+    epochs: int = typer.Option(BenchConfig.epochs, min=1, max=1000, help="Epochs per counted run."),
+    limit: int = typer.Option(BenchConfig.limit, min=0, help="Training images (0: 2,048 on CPU, all on CUDA)."),
     bs: int = typer.Option(D.bs, min=1, max=8192, help="Batch size."),
-    target_acc: float = typer.Option(0.0, "--target-acc", min=0.0, max=1.0, help="Validation accuracy for time-to-target (0: 0.95 on CUDA, 0.85 on CPU)."),
+    target_acc: float = typer.Option(BenchConfig.target_acc, "--target-acc", min=0.0, max=1.0, help="Validation accuracy for time-to-target (0: 0.95 on CUDA, 0.85 on CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Training img/s of the fastai path vs a fair plain-PyTorch loop (same data, model, recipe), and predict img/s."""
     import json
 
-    from .bench import BenchConfig, run_bench
+    from .bench import run_bench
 
     cfg = BenchConfig(data=str(data), device=device.value, size=size, epochs=epochs, limit=limit, bs=bs,
                       target_acc=target_acc)

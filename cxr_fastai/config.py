@@ -90,6 +90,38 @@ class DemoConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class InterpretConfig:
+    k: int = 16                    # top losses shown
+    n_boot: int = 500              # bootstrap resamples for the report's intervals
+    cams_per_class: int = 2        # confidently correct images per class given a Grad-CAM
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    near_distance: int = 4         # bits of 64: phash Hamming distance at or below which two images are candidates
+    min_similarity: float = 0.95   # thumbnail correlation at or above which a candidate is a near duplicate
+    workers: int = 4               # decoding and hashing threads
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: str = ""
+    device: str = "auto"
+    size: int = 64
+    epochs: int = 3
+    limit: int = 0            # training images; 0 = 2,048 on CPU, all on CUDA
+    # the recipe of both paths: train's defaults
+    bs: int = TrainConfig.bs
+    lr: float = TrainConfig.lr
+    wd: float = TrainConfig.wd
+    clip: float = TrainConfig.clip
+    min_scale: float = TrainConfig.min_scale
+    target_acc: float = 0.0   # 0 = 0.95 on CUDA, 0.85 on CPU
+    seed: int = 0
+    predict_n: int = 0        # images for the predict figures; 0 = 512 on CPU, 4,096 on CUDA
+
+
 def resolve_device(name: str) -> str:
     import torch
 

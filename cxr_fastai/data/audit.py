@@ -36,11 +36,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..config import SPLITS, TrainConfig, write_json
+from ..config import SPLITS, AuditConfig, TrainConfig, write_json
 from ..io.files import hash_files
 
-NEAR_DISTANCE = 4      # bits of 64: phash Hamming distance at or below which two images are candidates
-MIN_SIMILARITY = 0.95  # thumbnail correlation at or above which a candidate is confirmed as a near duplicate
+NEAR_DISTANCE = AuditConfig.near_distance
+MIN_SIMILARITY = AuditConfig.min_similarity
 THUMB_SIZE = 32        # thumbnail side (pixels) for the correlation: THUMB_SIZE**2 values per image
 SIMILARITY_BINS = (0.8, 0.9, 0.95)   # edges of the candidate-correlation histogram
 MAX_EXAMPLES = 50      # example pairs / ids kept per finding (counts are always complete)
@@ -182,7 +182,7 @@ def write_report(rep: AuditReport, out: str | Path) -> None:
 
 # -------------------------------------------------------------------------------------------- audit
 
-def audit(data: str | Path, workers: int = 4, near_distance: int = NEAR_DISTANCE,
+def audit(data: str | Path, workers: int = AuditConfig.workers, near_distance: int = NEAR_DISTANCE,
           min_similarity: float = MIN_SIMILARITY,
           valid_pct: float = TrainConfig.valid_pct, seed: int = TrainConfig.seed) -> AuditReport:
     """Audit a dataset in any layout `data.discover` accepts (split as `train` would split it)."""

@@ -15,7 +15,11 @@ from fastai.vision.augment import RandTransform
 from fastai.vision.core import TensorImage
 
 from .augment import random_resized_crop
-from .loaders import seed_for
+
+
+def seed_for(seed: int, epoch: int) -> int:
+    """The random stream of one epoch: a function of (seed, epoch) only."""
+    return (seed * 1_000_003 + epoch) % 2**63
 
 
 class RandomResizedCropBatch(RandTransform):

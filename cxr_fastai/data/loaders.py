@@ -99,10 +99,6 @@ def build_cache(items: pd.DataFrame, classes: Sequence[str], size: int, side: in
 
 
 
-def seed_for(seed: int, epoch: int) -> int:
-    """The random stream of one epoch: a function of (seed, epoch) only."""
-    return (seed * 1_000_003 + epoch) % 2**63
-
 
 def build_cached_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelStats, cfg: TrainConfig, device: str,
                      side: int, cache_dir: str | Path | None = None, cache: ImageCache | None = None):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..config import InterpretConfig
 from ..io.files import atomic_folder
 
 
@@ -35,7 +36,7 @@ class Report:
     files: list[str] = field(default_factory=list)
 
 
-def compute(learn, k: int = 16) -> Interpretation:
+def compute(learn, k: int = InterpretConfig.k) -> Interpretation:
     """One pass over the validation set; fastai's ClassificationInterpretation ranks the losses."""
     from fastai.interpret import ClassificationInterpretation
 
@@ -63,14 +64,14 @@ def compute(learn, k: int = 16) -> Interpretation:
 
     y = targs.long().numpy()
     p = probs.numpy()
-    metrics = compute_metrics(y, p, classes, n_boot=500, seed=0).to_dict()
+    metrics = compute_metrics(y, p, classes, n_boot=InterpretConfig.n_boot, seed=0).to_dict()
     interp_ = Interpretation(classes, cm, top, mc, float(np.trace(cm) / max(n, 1)), n, y, p,
                              [str(x) for x in items["path"]], metrics)
     interp_.cams = grad_cams(learn.model, _cam_paths(interp_), learn.dls.valid, classes)
     return interp_
 
 
-def _cam_paths(interp: "Interpretation", per_class: int = 2) -> list[str]:
+def _cam_paths(interp: "Interpretation", per_class: int = InterpretConfig.cams_per_class) -> list[str]:
     """Top-loss images plus a few correctly classified ones per class."""
     chosen = list(interp.top_losses.path)
     pred = interp.probs.argmax(1)
@@ -117,22 +118,16 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
 
 
 def _input_size(dl) -> int:
-    if hasattr(dl, "size"):
-        return int(dl.size)
     x, _ = dl.one_batch()
     return int(x.shape[-1])
 
 
 def _normaliser(dl):
-    """(mean, std) of the run's validation batches (fastai Normalize or the cached path's)."""
-    if hasattr(dl, "stats"):
-        m, s = dl.stats.mean, dl.stats.std
-    else:
-        from fastai.data.transforms import Normalize
+    """(mean, std) of the fastai Normalize in the run's validation loader."""
+    from fastai.data.transforms import Normalize
 
-        nm = [t for t in dl.after_batch.fs if isinstance(t, Normalize)][0]
-        m, s = float(nm.mean.flatten()[0]), float(nm.std.flatten()[0])
-    return m, s
+    nm = [t for t in dl.after_batch.fs if isinstance(t, Normalize)][0]
+    return float(nm.mean.flatten()[0]), float(nm.std.flatten()[0])
 
 
 def roc_figure(interp: Interpretation):
@@ -308,7 +303,7 @@ report test-split figures with <code>cxr-fastai evaluate</code>.</p>
 """
 
 
-def interpret_run(run: str | Path, k: int = 16, out: str | Path | None = None, device: str = "auto",
+def interpret_run(run: str | Path, k: int = InterpretConfig.k, out: str | Path | None = None, device: str = "auto",
                   force: bool = True) -> Report:
     from ..train.fit import learner_from_run
     from ..train.runs import load_run
