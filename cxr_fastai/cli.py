@@ -139,7 +139,7 @@ D = TrainConfig()
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Argument(None, help="Dataset root: ROOT/{train,valid[,test]}/CLASS/*, ROOT/CLASS/* or ROOT/labels.csv. Not needed with --resume."),
+    data: Optional[List[Path]] = typer.Argument(None, help="Dataset root(s), each ROOT/{train,valid[,test]}/CLASS/*, ROOT/CLASS/* or ROOT/labels.csv; several roots train one model (an item's source: its labels.csv source, else its root's folder name). Not needed with --resume."),
     run: Path = typer.Option(..., "--run", help="Run folder to create (config, stats, checkpoints, logs)."),
     size: int = typer.Option(D.size, min=16, max=1024, help="Image side in px the model sees."),
     epochs: int = typer.Option(D.epochs, min=1, max=10_000, help="Length of the one-cycle schedule."),
@@ -167,9 +167,9 @@ def train(
 
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
-    if data is None and not resume:
+    if not data and not resume:
         raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
-    cfg = TrainConfig(data=str(data or ""), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
+    cfg = TrainConfig(data=tuple(str(d) for d in data or ()), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
                       seed=seed, min_scale=min_scale, device=device.value, workers=workers,
                       data_path=data_path.value, cache_dir=str(cache_dir or ""), compile=compile_model, opt=opt.value,
                       label_smoothing=label_smoothing, class_weights=class_weights,
@@ -250,8 +250,8 @@ def predict(
 @app.command()
 def evaluate(
     artifact: Path = typer.Argument(..., help="An exported model folder."),
-    data: Path = typer.Argument(..., help="Labelled images in any layout `train` accepts."),
-    split: str = typer.Option(EvalConfig.split, "--split", help="train, valid or test, where the layout has splits; otherwise all images count."),
+    data: List[Path] = typer.Argument(..., help="Labelled images: one or more roots, each in any layout `train` accepts."),
+    split: str = typer.Option(EvalConfig.split, "--split", help="train, valid, test or a labels.csv split name of your own (e.g. external), where the layout has splits; otherwise all images count."),
     out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON path (default: print to stdout)."),
     bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
@@ -265,8 +265,13 @@ def evaluate(
     from .evaluate.evaluate import evaluate as evaluate_data
     from .evaluate.evaluate import write_metrics
 
-    if split not in ("train", "valid", "test"):
-        raise typer.BadParameter(f"{split!r} is not one of train, valid, test", param_hint="--split")
+    import re
+
+    from .data.discover import SPLIT_NAME
+
+    if not re.fullmatch(SPLIT_NAME, split):
+        raise typer.BadParameter(f"{split!r} is not a split name (train, valid, test, or letters, digits, '-', '_')",
+                                 param_hint="--split")
     with _errors():
         _out_file(out, "--out", "metrics.json")
         res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value, tta=tta),
@@ -281,7 +286,7 @@ def evaluate(
 
 @app.command("audit")
 def audit_cmd(
-    data: Path = typer.Argument(..., help="Dataset root (any layout train accepts)."),
+    data: List[Path] = typer.Argument(..., help="Dataset root(s) (any layout train accepts)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full report (counts, example pairs, tables) as JSON here."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when anything leaks across splits (duplicates, shared patients or groups)."),
     near_distance: int = typer.Option(AuditConfig.near_distance, "--near-distance", min=0, max=15, help="Perceptual-hash bits (of 64) at or below which two images are near-duplicate candidates."),

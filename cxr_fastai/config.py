@@ -19,7 +19,7 @@ ONE_CYCLE = {"pct_start": 0.25, "div": 25.0, "div_final": 1e5, "moms": (0.95, 0.
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = ""                 # dataset root (any layout that data.discover accepts)
+    data: tuple[str, ...] = ()     # dataset roots (each in any layout that data.discover accepts)
     run: str = ""                  # run folder: config, class order, stats, checkpoints, logs
     size: int = 128                # px; images are seen as size x size
     epochs: int = 30               # length of the one-cycle schedule
@@ -42,8 +42,15 @@ class TrainConfig:
     compile: bool = False          # torch.compile the model (exports still hold the plain module)
     opt: str = "adamw"             # adamw: torch AdamW, foreach (CPU) / fused (CUDA) | fastai: fastai's Adam (per-param loop)
 
+    def __post_init__(self):
+        if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it
+            object.__setattr__(self, "data", (str(self.data),) if str(self.data) else ())
+        else:
+            object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
         d["widths"] = list(self.widths)
         d["exclude_sources"] = list(self.exclude_sources)
         return d
@@ -54,6 +61,8 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if "widths" in d:
             d["widths"] = tuple(int(w) for w in d["widths"])
+        if isinstance(d.get("data"), list):
+            d["data"] = tuple(d["data"])
         if "exclude_sources" in d:
             d["exclude_sources"] = tuple(d["exclude_sources"])
         return cls(**d)

@@ -108,7 +108,7 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
         "training_images_missing": train_missing,
         "model_card": {
             "intended_use": "Research and teaching only. Not a medical device; not for diagnosis or triage.",
-            "data": f"trained on {cfg.data} ({meta.get('layout')}); class counts {meta.get('counts')}",
+            "data": f"trained on {' + '.join(cfg.data)} ({meta.get('layout')}); class counts {meta.get('counts')}",
             "known_confounds": "Classes that come from different sources (hospitals, age groups) let a model "
                                "learn the source instead of the disease; check per-source metrics.",
         },

@@ -208,8 +208,8 @@ def audit(data: str | Path, workers: int = AuditConfig.workers, near_distance: i
 
     counts = items.split.value_counts()
     return AuditReport(
-        root=str(root), layout=ds.layout, split_given=ds.split_given, n_images=len(items),
-        n_by_split={s: int(counts.get(s, 0)) for s in SPLITS if counts.get(s, 0)},
+        root=ds.where, layout=ds.layout, split_given=ds.split_given, n_images=len(items),
+        n_by_split={s: int(counts[s]) for s in _split_codes(splits)[0]},
         near_distance=near_distance, min_similarity=float(min_similarity),
         exact=exact_duplicates(sha_list, splits, rel),
         near=near_duplicates(phashes, thumbs, sha_list, splits, rel, near_distance, min_similarity),

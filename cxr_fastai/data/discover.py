@@ -26,14 +26,24 @@ from ..io.images import decode_many, is_image_name, squash
 COLUMNS = ("path", "label", "split", "source", "patient_id", "group")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
                  "validation": "valid", "test": "test", "testing": "test"}
+SPLIT_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"   # a labels.csv split of the user's own (e.g. external, site_b)
 
 
 @dataclass
 class Dataset:
-    root: Path
-    layout: str                # "labels.csv" | "split-folders" | "class-folders"
-    items: pd.DataFrame        # COLUMNS; path is absolute; split in SPLITS
-    split_given: bool          # False when this module made the split
+    root: Path                 # the first root (messages name it)
+    layout: str                # "labels.csv" | "split-folders" | "class-folders" (one per root, joined by " + ")
+    items: pd.DataFrame        # COLUMNS; path is absolute; split: train/valid/test or a labels.csv name of its own
+    split_given: bool          # False when this module made the split (of any root)
+    roots: list[Path] = field(default_factory=list)   # every root, in the order given
+
+    def __post_init__(self):
+        self.roots = self.roots or [self.root]
+
+    @property
+    def where(self) -> str:
+        """The roots, for messages."""
+        return " + ".join(str(r) for r in self.roots)
 
     @property
     def classes(self) -> list[str]:
@@ -60,7 +70,32 @@ class Skipped:
 
 # ---------------------------------------------------------------------------------------- discovery
 
-def discover(root: str | Path, valid_pct: float = 0.2, seed: int = 0) -> Dataset:
+def discover(roots: str | Path | Sequence[str | Path], valid_pct: float = 0.2, seed: int = 0) -> Dataset:
+    """One dataset from one root or several. With several roots, each is read in its own layout (and split
+    by itself when it has no split), an item's source is its labels.csv `source` or else its root's
+    folder name, and classes are matched by name across roots."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    if not roots:
+        raise DataError("no dataset root given; give one or more folders")
+    parts = [_discover_one(r, valid_pct, seed) for r in roots]
+    if len(parts) == 1:
+        return parts[0]
+    seen: dict[Path, int] = {}
+    for i, ds in enumerate(parts):
+        if ds.root in seen:
+            raise DataError(f"{ds.root}: given twice as a dataset root; give each root once")
+        seen[ds.root] = i
+        ds.items["source"] = ds.items.source.where(ds.items.source != "", ds.root.name)
+    items = pd.concat([ds.items for ds in parts], ignore_index=True)
+    dup = items.path.duplicated()
+    if dup.any():
+        raise DataError(f"{items.path[dup].iloc[0]}: listed by two of the roots (one root inside another?); "
+                        "give roots that do not overlap")
+    return Dataset(parts[0].root, " + ".join(ds.layout for ds in parts), items,
+                   split_given=all(ds.split_given for ds in parts), roots=[ds.root for ds in parts])
+
+
+def _discover_one(root: str | Path, valid_pct: float, seed: int) -> Dataset:
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such folder; give the dataset root (folders of classes, "
@@ -178,11 +213,14 @@ def _from_labels_csv(root: Path, valid_pct: float, seed: int) -> Dataset:
                         f"(lines {', '.join(map(str, lines))}); keep one row per image")
     has_split = (df.split != "").any()
     if has_split:
-        bad = df.index[~df.split.str.lower().isin(SPLIT_ALIASES)]
+        known = df.split.str.lower().isin(SPLIT_ALIASES)
+        bad = df.index[~known & ~df.split.str.fullmatch(SPLIT_NAME)]
         if len(bad):
-            raise DataError(f"{csv}: line {line[bad[0]]}: split {df.split[bad[0]]!r} is not one of "
-                            "train, valid, test (leave the split column out to let the tool split)")
-        df["split"] = df.split.str.lower().map(SPLIT_ALIASES)
+            raise DataError(f"{csv}: line {line[bad[0]]}: split {df.split[bad[0]]!r} is not train, valid, test or "
+                            "a name of letters, digits, '-' and '_' (e.g. external, site_b); fill it in or leave the "
+                            "split column out to let the tool split")
+        # train/valid/test (and their aliases) drive training; any other name is a set of its own for evaluate
+        df["split"] = df.split.where(~known, df.split.str.lower().map(SPLIT_ALIASES))
         return Dataset(root, "labels.csv", df.reset_index(drop=True), split_given=True)
     df["split"] = group_split(df.patient_id.tolist(), df.group.tolist(), valid_pct, seed)
     return Dataset(root, "labels.csv", df.reset_index(drop=True), split_given=False)
@@ -321,4 +359,4 @@ def check_items_exist(items: pd.DataFrame, info) -> None:
     missing = [p for p in items.path if not Path(p).is_file()]
     if missing:
         raise DataError(f"{info.path}: {len(missing)} of the run's {len(items)} images are gone "
-                        f"(first: {missing[0]}); put the data back at {info.cfg.data}")
+                        f"(first: {missing[0]}); put the data back at {' + '.join(info.cfg.data)}")

@@ -40,7 +40,7 @@ class EvalResult:
                 "skipped": [{"path": p, "error": e} for p, e in self.skipped], "seen_in_training": self.seen_in_training}
 
 
-def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.split,
+def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], split: str = EvalConfig.split,
              cfg: PredictConfig = PredictConfig(), ecfg: EvalConfig = EvalConfig(),
              warn: Callable[[str], None] = lambda m: None, sources: Sequence[str] = ()) -> EvalResult:
     pred = load_predictor(artifact, cfg)
@@ -53,16 +53,16 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
         items = items[items.split == split]
         if len(items) == 0:
             have = ", ".join(sorted(ds.items.split.unique()))
-            raise DataError(f"{ds.root}: no images in split {split!r} (splits present: {have}); pick one with --split")
+            raise DataError(f"{ds.where}: no images in split {split!r} (splits present: {have}); pick one with --split")
     if sources:
         missing = sorted(set(sources) - set(items.source))
         if missing:
-            raise DataError(f"{ds.root}: no images from source {missing[0]!r} in this split "
+            raise DataError(f"{ds.where}: no images from source {missing[0]!r} in this split "
                             f"(sources: {', '.join(sorted(set(items.source) - {''})) or 'none'})")
         items = items[items.source.isin(sources)]
     unknown = sorted(set(items.label) - set(classes))
     if unknown:
-        raise DataError(f"{ds.root}: label {unknown[0]!r} is not a class of this model ({', '.join(classes)}); "
+        raise DataError(f"{ds.where}: label {unknown[0]!r} is not a class of this model ({', '.join(classes)}); "
                         "remove those images or evaluate a model trained with that class")
     items = items.reset_index(drop=True)
     index = {c: i for i, c in enumerate(classes)}
@@ -79,7 +79,7 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
     if skipped:
         warn(f"{len(skipped)} unreadable image(s) left out of the metrics (first: {skipped[0][1]})")
     if not y:
-        raise DataError(f"{ds.root}: none of the {len(items)} image(s) could be read")
+        raise DataError(f"{ds.where}: none of the {len(items)} image(s) could be read")
     sources = srcs if any(srcs) else None
     m = compute_metrics(np.array(y), np.stack(probs), classes, sources=sources, n_boot=ecfg.n_boot, seed=ecfg.seed)
     if sources:
@@ -89,7 +89,7 @@ def evaluate(artifact: str | Path, data: str | Path, split: str = EvalConfig.spl
     if seen:
         warn(f"{seen} of the {len(used)} evaluated images were used in training (same file content); these metrics "
              "overstate how the model does on new images: evaluate on images it was not trained on")
-    return EvalResult(m, used_split, str(ds.root), str(Path(artifact)), skipped, seen)
+    return EvalResult(m, used_split, ds.where, str(Path(artifact)), skipped, seen)
 
 
 def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:

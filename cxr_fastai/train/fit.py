@@ -197,7 +197,12 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
                             f"(sources: {', '.join(sorted(set(ds.items.source) - {''})) or 'none'})")
         ds.items = ds.items[~ds.items.source.isin(cfg.exclude_sources)].reset_index(drop=True)
     classes = check_trainable(ds)
-    log(f"data: {ds.root} ({ds.layout}); classes {', '.join(classes)}; scanning {len(ds.items)} images")
+    log(f"data: {ds.where} ({ds.layout}); classes {', '.join(classes)}; scanning {len(ds.items)} images")
+    other = ds.items[~ds.items.split.isin(("train", "valid"))]
+    if len(other):
+        by = other.split.value_counts()
+        log(f"{len(other)} image(s) of other splits left out of training: "
+            + ", ".join(f"{s} {n}" for s, n in sorted(by.items())))
     items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4)
     for w in cheap_checks(items):  # train/valid leakage: shared patients or groups, byte-identical images
         warn(w)
@@ -208,7 +213,7 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
         if not (items.split == split).any():
             raise RunError(f"{ds.root}: no readable {split} images left after skipping {len(skipped)} unreadable")
     run.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.replace(data=str(ds.root), run=str(run))
+    cfg = cfg.replace(data=tuple(str(r) for r in ds.roots), run=str(run))
     n_by = items.groupby(["split", "label"]).size()
     meta = {
         "classes": classes,
