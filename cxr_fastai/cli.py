@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .config import AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
+from .config import AUGMENT, BALANCE, CONTRAST, AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
 from .errors import CxrError
 
 app = typer.Typer(
@@ -41,6 +41,11 @@ class DataPath(str, Enum):
 class OptKind(str, Enum):
     adamw = "adamw"
     fastai = "fastai"
+
+
+Balance = Enum("Balance", {v: v for v in BALANCE}, type=str)
+Augment = Enum("Augment", {v: v for v in AUGMENT}, type=str)
+Contrast = Enum("Contrast", {v: v for v in CONTRAST}, type=str)
 
 
 class Format(str, Enum):
@@ -156,6 +161,9 @@ def train(
     label_smoothing: float = typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
     class_weights: bool = typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
     exclude_source: List[str] = typer.Option([], "--exclude-source", help="Leave images of this labels.csv source out of train and valid (repeatable)."),
+    balance: Balance = typer.Option(Balance(D.balance), "--balance", help="Draw training images so that every class (class) or every class x source stratum (class-source) is seen equally often."),
+    augment: Augment = typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch."),
+    contrast: Contrast = typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
     opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -173,7 +181,8 @@ def train(
                       seed=seed, min_scale=min_scale, device=device.value, workers=workers,
                       data_path=data_path.value, cache_dir=str(cache_dir or ""), compile=compile_model, opt=opt.value,
                       label_smoothing=label_smoothing, class_weights=class_weights,
-                      exclude_sources=tuple(exclude_source))
+                      exclude_sources=tuple(exclude_source), balance=balance.value, augment=augment.value,
+                      contrast=contrast.value)
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
         _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),
@@ -368,3 +377,80 @@ def bench(
     else:
         for k, v in res.items():
             typer.echo(f"{k:>24}: {v}")
+
+
+# ------------------------------------------------------------------------------------------ crossval
+
+from .config import CrossvalConfig  # noqa: E402
+
+
+class CrossvalBy(str, Enum):
+    source = "source"
+
+
+class CrossvalSplit(str, Enum):
+    all = "all"
+    test = "test"
+    valid = "valid"
+
+
+@app.command("crossval")
+def crossval_cmd(
+    data: List[Path] = typer.Argument(..., help="Dataset roots (any layout train accepts): an image's source is its labels.csv source, else its root's folder name."),
+    out: Path = typer.Option(..., "--out", help="Series folder: folds/NAME/{run,model,result.json}, crossval.json/.md/.png. Rerun the same command to resume."),
+    by: CrossvalBy = typer.Option(CrossvalBy(CrossvalConfig.by), "--by", help="What is held out: source (leave one source out)."),
+    split: CrossvalSplit = typer.Option(CrossvalSplit(CrossvalConfig.split), "--split", help="Held-out images scored: all (every split of the held-out source; none was seen in training), test or valid. The pooled fold uses test for all."),
+    all_sources: bool = typer.Option(CrossvalConfig.all_sources, "--all-sources", help="Also hold out sources that have a single class."),
+    pooled: bool = typer.Option(CrossvalConfig.pooled, "--pooled/--no-pooled", help="Also train on every source and score the pooled test split (the in-distribution figure)."),
+    size: int = typer.Option(D.size, min=16, max=1024, help="Image side in px the model sees."),
+    epochs: int = typer.Option(D.epochs, min=1, max=10_000, help="Length of each fold's one-cycle schedule."),
+    bs: int = typer.Option(D.bs, min=1, max=8192, help="Batch size (clamped to the training-set size)."),
+    lr: float = typer.Option(D.lr, min=1e-7, max=10.0, help="Peak learning rate of the one-cycle schedule."),
+    wd: float = typer.Option(D.wd, min=0.0, max=1.0, help="Decoupled weight decay (not on BN/bias)."),
+    clip: float = typer.Option(D.clip, min=1e-6, help="Gradient-norm clip."),
+    seed: int = typer.Option(D.seed, min=0, help="Seed of every fold."),
+    min_scale: float = typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
+    device: Device = typer.Option(Device(D.device), help="Where to train and evaluate."),
+    workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
+    data_path: DataPath = typer.Option(DataPath(D.data_path), "--data-path", help="cached or pil (as for train)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between folds and runs."),
+    label_smoothing: float = typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
+    class_weights: bool = typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
+    opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw or fastai."),
+    exclude_source: List[str] = typer.Option([], "--exclude-source", help="Leave this source out of every fold (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
+    n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation when scoring (6x the compute)."),
+    force: bool = typer.Option(False, "--force", help="Start the series again (removes OUT/folds and the summaries)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+):
+    """Leave-one-source-out: train on all sources but one, score the held-out one; plus a pooled in-distribution fold."""
+    from .evaluate.crossval import crossval, parse_train_overrides, write_crossval
+
+    with _errors(f"finished folds are kept in {out}; rerun the same command to resume"):
+        _out_folder(out, "--out")
+        extra = parse_train_overrides(set_)
+        tcfg = TrainConfig(data=tuple(str(d) for d in data), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
+                           seed=seed, min_scale=min_scale, device=device.value, workers=workers,
+                           data_path=data_path.value, cache_dir=str(cache_dir or ""), opt=opt.value,
+                           label_smoothing=label_smoothing, class_weights=class_weights,
+                           exclude_sources=tuple(exclude_source)).replace(**extra)
+        cfg = CrossvalConfig(by=by.value, split=split.value, all_sources=all_sources, pooled=pooled, n_boot=n_boot)
+        pcfg = PredictConfig(device=device.value, tta=tta)
+        res = crossval(tcfg, out, cfg, pcfg=pcfg, force=force, progress=not quiet and sys.stderr.isatty(),
+                       log=_quiet_log(quiet), warn=_warn)
+        files = write_crossval(res)
+    for f in res.folds:
+        if f.status == "done":
+            ci = f.balanced_accuracy_ci95
+            typer.echo(f"{f.name:>24}: n {f.n:>6}, accuracy {f.accuracy:.3f}, balanced accuracy {f.balanced_accuracy:.3f}"
+                       + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        else:
+            typer.echo(f"{f.name:>24}: skipped ({f.reason})")
+    s = res.summary()
+    if s["held_out_balanced_accuracy_mean"] is not None:
+        typer.echo(f"mean held-out balanced accuracy {s['held_out_balanced_accuracy_mean']:.3f} over "
+                   f"{s['held_out_folds_done']} source(s)"
+                   + (f"; pooled {s['pooled_balanced_accuracy']:.3f}" if s["pooled_balanced_accuracy"] is not None else ""))
+    for name, path in files.items():
+        typer.echo(f"  {name}: {path}")

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "valid", "test")
+BALANCE = ("none", "class", "class-source")
+AUGMENT = ("none", "light")
+CONTRAST = ("none", "equalize")
 
 # fastai's Adam defaults, used whichever optimizer class runs them (train, and the bench's plain loop)
 ADAM = {"mom": 0.9, "sqr_mom": 0.99, "eps": 1e-5}
@@ -41,6 +44,12 @@ class TrainConfig:
     exclude_sources: tuple[str, ...] = ()  # leave these `source` values (labels.csv) out of train and valid
     compile: bool = False          # torch.compile the model (exports still hold the plain module)
     opt: str = "adamw"             # adamw: torch AdamW, foreach (CPU) / fused (CUDA) | fastai: fastai's Adam (per-param loop)
+    balance: str = "none"          # none | class | class-source: draw training images so that every class (or every
+                                   # class x source stratum) is seen equally often per epoch (cached path)
+    augment: str = "none"          # none | light: per-image brightness, contrast (+-20%), rotation (+-5 deg) and
+                                   # zoom (up to 1.1x) on the batch, fastai's batch transforms (cached path)
+    contrast: str = "none"         # none | equalize: per-image histogram equalisation at read time, applied by
+                                   # every consumer (recorded in run.json and the manifest)
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it
@@ -129,6 +138,16 @@ class BenchConfig:
     target_acc: float = 0.0   # 0 = 0.95 on CUDA, 0.85 on CPU
     seed: int = 0
     predict_n: int = 0        # images for the predict figures; 0 = 512 on CPU, 4,096 on CUDA
+
+
+@dataclass(frozen=True)
+class CrossvalConfig:
+    by: str = "source"             # source: leave one source out (the only kind so far)
+    split: str = "all"             # held-out images evaluated: all (every split of the held-out source) | test | valid
+    all_sources: bool = False      # also hold out sources with a single class (their balanced accuracy is one sensitivity)
+    pooled: bool = True            # also train on every source and evaluate on the pooled test split (or `split`)
+    n_boot: int = EvalConfig.n_boot  # bootstrap resamples for the 95% intervals
+    eval_seed: int = EvalConfig.seed
 
 
 def resolve_device(name: str) -> str:

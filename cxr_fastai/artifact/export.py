@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import CONTRAST
 from ..errors import ArtifactError, RunError
 from ..io.files import atomic_folder, recover_folder, sha256_file
 
@@ -44,6 +45,11 @@ class Artifact:
         """px: the side training's crops were cut from (TTA cuts its crops at it); 2x the input before
         it was recorded."""
         return int(self.manifest["input"].get("cache_side") or 2 * self.size)
+
+    @property
+    def contrast(self) -> str:
+        """The per-image contrast step applied after reading, before resizing (io.images.apply_contrast)."""
+        return str(self.manifest["input"].get("contrast") or "none")
 
     @property
     def mean(self) -> float:
@@ -94,7 +100,8 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": info.classes,
         "input": {"size": cfg.size, "channels": 1, "resize": "squash whole image to size x size, bilinear",
-                  "scale": "pixel / 255 after reading as 8-bit grey", "cache_side": cache_side(info)},
+                  "scale": "pixel / 255 after reading as 8-bit grey", "cache_side": cache_side(info),
+                  "contrast": cfg.contrast},
         "normalization": {"mean": info.stats.mean, "std": info.stats.std},
         "architecture": {"name": "ResNet9", "n_in": 1, "n_out": len(info.classes), "widths": list(cfg.widths)},
         "training": {**cfg.to_dict(), "layout": meta.get("layout"), "counts": meta.get("counts"),
@@ -175,7 +182,8 @@ def validate_manifest(m: Any, where: Path | str = MANIFEST) -> None:
               and isinstance(arch.get("n_in"), int) and isinstance(arch.get("widths"), list)
               and len(arch["widths"]) == 4 and all(isinstance(w, int) and 0 < w <= 8192 for w in arch["widths"])
               and isinstance(files.get(WEIGHTS, {}).get("sha256"), str)
-              and _valid_cache_side(m["input"].get("cache_side"), size))
+              and _valid_cache_side(m["input"].get("cache_side"), size)
+              and m["input"].get("contrast", "none") in CONTRAST)
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: missing or malformed field ({type(e).__name__}: {e}); re-export the model") from e
     if not ok:

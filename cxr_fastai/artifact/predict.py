@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import PredictConfig, resolve_device
 from ..errors import CxrError, DataError
-from ..io.images import decode_many, is_image_name, squash
+from ..io.images import apply_contrast, decode_many, is_image_name, squash
 from .export import Artifact, load_model, load_pickle_learner, read_manifest
 
 
@@ -54,16 +54,20 @@ class Predictor:
     def shrink(self, arr: np.ndarray):
         """What `probs` needs of one decoded image, as small as it can be: the image squashed to the input
         size; with TTA also squashed to the run's cache side, for the crops."""
+        arr = apply_contrast(arr, self.art.contrast)
         small = squash(arr, self.size)
         return (small, squash(arr, self.art.cache_side)) if self.tta else small
 
-    def probs(self, arrays: Sequence) -> np.ndarray:
-        """Probabilities for decoded grey images (any size), or for what `shrink` made of them."""
+    def probs(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities for decoded grey images (any size), as read_grey returns them."""
+        return self.probs_shrunk([self.shrink(a) for a in arrays])
+
+    def probs_shrunk(self, shrunk: Sequence) -> np.ndarray:
+        """Probabilities for what `shrink` made of decoded images."""
         import torch
 
         from ..data.augment import tta_views
 
-        shrunk = [a if isinstance(a, tuple) else self.shrink(a) for a in arrays]
         with torch.inference_mode():
             if not self.tta:
                 views = [self.preprocess(shrunk)]
@@ -120,7 +124,7 @@ def iter_probs(pred, paths: Sequence[Path], cfg: PredictConfig) -> Iterator[tupl
         if isinstance(pred, PicklePredictor):
             pr = pred.probs_paths([names[i] for i in idx])
         else:
-            pr = pred.probs([a for _, a in batch])
+            pr = pred.probs_shrunk([a for _, a in batch])
         for i, row in zip(idx, pr):
             yield paths[i], row, ""
         batch.clear()

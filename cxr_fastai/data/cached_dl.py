@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 from fastai.data.core import TfmdDL
 from fastai.torch_core import TensorCategory, TensorImageBW
@@ -61,8 +62,8 @@ class CachedDL(TfmdDL):
     ordinary TfmdDL over its dataset. `set_epoch(k)` (called by the Learner's `EpochSeed` callback)
     fixes the shuffle and the augmentation of the next pass to (seed, k)."""
 
-    def __init__(self, dataset=None, cache=None, seed: int = 0, epoch: int = 0, **kwargs):
-        self.cache, self.seed, self.epoch = cache, int(seed), int(epoch)
+    def __init__(self, dataset=None, cache=None, seed: int = 0, epoch: int = 0, wgts=None, **kwargs):
+        self.cache, self.seed, self.epoch, self.wgts = cache, int(seed), int(epoch), wgts
         super().__init__(dataset, **kwargs)
         if self.cache is not None:
             x, y = self.cache
@@ -81,6 +82,13 @@ class CachedDL(TfmdDL):
         for f in self.after_batch.fs:
             if hasattr(f, "reseed"):
                 f.reseed(s)
+
+    def get_idxs(self):
+        if self.wgts is None or not self.shuffle or self.n == 0:
+            return super().get_idxs()
+        # weighted draws with replacement, as fastai's WeightedDL, from this epoch's own generator
+        rng = np.random.default_rng(seed_for(self.seed, self.epoch))
+        return rng.choice(self.n, self.n, p=self.wgts).tolist()
 
     def do_item(self, s):
         if self.cache is None:
@@ -106,6 +114,7 @@ class CachedDL(TfmdDL):
         kwargs.setdefault("cache", self.cache if same else None)
         kwargs.setdefault("seed", self.seed)
         kwargs.setdefault("epoch", self.epoch)
+        kwargs.setdefault("wgts", self.wgts if same else None)
         return super().new(dataset, cls, **kwargs)
 
     def __getstate__(self):  # never pickle the images (learn.export holds empty loaders anyway)

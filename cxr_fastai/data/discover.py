@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..config import SPLITS
 from ..errors import DataError
-from ..io.images import decode_many, is_image_name, squash
+from ..io.images import apply_contrast, decode_many, is_image_name, squash
 
 COLUMNS = ("path", "label", "split", "source", "patient_id", "group")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -312,7 +312,7 @@ class PixelStats:
 
 
 def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: int,
-         workers: int = 4, progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, Skipped, PixelStats]:
+         workers: int = 4, progress: Callable[[int, int], None] | None = None, contrast: str = "none") -> tuple[pd.DataFrame, Skipped, PixelStats]:
     """Decode every image of `splits` once: drop unreadable ones (listed in Skipped), and compute the
     pixel mean/std and the median image side from training images only (a seeded sample of at most
     stats_limit of them)."""
@@ -328,7 +328,7 @@ def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: 
     npx = 0
     paths = items.path.tolist()
     sides = []
-    for i, arr, err in decode_many(paths, workers):
+    for i, arr, err in decode_many(paths, workers, fn=lambda a: apply_contrast(a, contrast)):
         if arr is None:
             ok[i] = False
             skipped.add(paths[i], err)

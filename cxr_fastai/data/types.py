@@ -1,9 +1,11 @@
 """fastai types the DataBlock uses. Module-level so that exported pickles load in any process."""
 from __future__ import annotations
 
+import numpy as np
+from fastai.data.transforms import Transform
 from fastai.vision.core import PILImageBW
 
-from ..io.images import read_grey
+from ..io.images import apply_contrast, read_grey
 
 
 class CxrImage(PILImageBW):
@@ -14,3 +16,16 @@ class CxrImage(PILImageBW):
         if isinstance(fn, (str,)) or hasattr(fn, "__fspath__"):
             return super().create(read_grey(fn))
         return super().create(fn, **kwargs)
+
+
+class Contrast(Transform):
+    """The run's per-image contrast normalisation (io.images.apply_contrast) as a fastai item transform, so
+    that the exported pickle's test_dl applies it too. Before any resize (order 0)."""
+    order = 0
+
+    def __init__(self, kind: str = "none"):
+        super().__init__()
+        self.kind = kind
+
+    def encodes(self, x: PILImageBW):
+        return type(x).create(apply_contrast(np.asarray(x), self.kind))

@@ -93,9 +93,10 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     import torch.nn.functional as F
 
     from ..data.augment import to_model_input
-    from ..io.images import read_grey, squash
+    from ..io.images import read_model_image, squash
 
     norm = _normaliser(dl)
+    contrast = _contrast(dl)
     size = _input_size(dl)
     model = getattr(model, "_orig_mod", model)
     was_training = model.training
@@ -103,7 +104,7 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     dev = next(model.parameters()).device
     out: dict[str, np.ndarray] = {}
     for p in paths:
-        x = to_model_input([squash(read_grey(p), size)], *norm, device=dev)
+        x = to_model_input([squash(read_model_image(p, contrast), size)], *norm, device=dev)
         feats = model.forward_features(x).detach().requires_grad_(True)   # (1, C, h, w)
         logits = model.head(feats.amax((2, 3)))
         c = int(logits.argmax(1))
@@ -120,6 +121,14 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
 def _input_size(dl) -> int:
     x, _ = dl.one_batch()
     return int(x.shape[-1])
+
+
+def _contrast(dl) -> str:
+    """The run's contrast step, from the loader's item transforms (none when it has none)."""
+    from ..data.types import Contrast
+
+    kinds = [t.kind for t in dl.after_item.fs if isinstance(t, Contrast)]
+    return kinds[0] if kinds else "none"
 
 
 def _normaliser(dl):

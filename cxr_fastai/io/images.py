@@ -87,6 +87,22 @@ def read_grey(path: str | Path) -> np.ndarray:
     return arr
 
 
+def apply_contrast(arr: np.ndarray, kind: str) -> np.ndarray:
+    """Per-image contrast normalisation at read time, before any resize: "none" leaves the image as read;
+    "equalize" spreads its grey levels evenly over 0..255 (histogram equalisation), which removes much of
+    the difference in exposure and processing between hospitals' pipelines."""
+    if kind == "none":
+        return arr
+    if kind == "equalize":
+        return np.asarray(ImageOps.equalize(Image.fromarray(arr, mode="L")), dtype=np.uint8)
+    raise ValueError(f"unknown contrast normalisation {kind!r}; use none or equalize")
+
+
+def read_model_image(path: str | Path, contrast: str = "none") -> np.ndarray:
+    """An image as every model consumer sees it before resizing: read_grey, then the run's contrast step."""
+    return apply_contrast(read_grey(path), contrast)
+
+
 def squash(arr: np.ndarray, size: int) -> np.ndarray:
     """Resize the whole image to size x size (no crop), bilinear: what validation and prediction see.
 

@@ -6,6 +6,7 @@ Learner callbacks (kept in learner.pkl, so module-level and free of run state): 
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from fastai.callback.core import Callback
 from fastai.learner import AvgSmoothLoss
 
 from ..config import write_json
+from ..data.cached_dl import seed_for
 from ..io.files import atomic_save_path, atomic_write_text
 from .runs import BEST_METRIC, RunInfo
 
@@ -36,6 +38,10 @@ class EpochSeed(Callback):
         for dl in (self.dls.train, self.dls.valid):
             if hasattr(dl, "set_epoch"):
                 dl.set_epoch(self.epoch)
+        # fastai's own random batch transforms (--augment) draw from the global generators
+        s = seed_for(getattr(self.dls.train, "seed", 0), self.epoch)
+        random.seed(s)
+        torch.manual_seed(s)
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pandas as pd
 
-from ..config import ADAM, ONE_CYCLE, TrainConfig, resolve_device, write_json
+from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, ONE_CYCLE, TrainConfig, resolve_device, write_json
 from ..data.audit import cheap_checks
 from ..data.discover import check_items_exist, check_trainable, discover, scan
 from ..errors import CxrError, DataError, RunError
@@ -127,6 +127,12 @@ def learner_from_run(info: RunInfo, device: str = "auto"):
 def validate_config(cfg: TrainConfig) -> None:
     if cfg.size < MIN_SIZE:
         raise CxrError(f"--size {cfg.size} is below {MIN_SIZE} px, the smallest input ResNet9 accepts")
+    for name, value, allowed in (("balance", cfg.balance, BALANCE), ("augment", cfg.augment, AUGMENT),
+                                 ("contrast", cfg.contrast, CONTRAST)):
+        if value not in allowed:
+            raise CxrError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+    if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none"):
+        raise CxrError("--balance and --augment work on the cached data path; drop --data-path pil")
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -203,7 +209,8 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
         by = other.split.value_counts()
         log(f"{len(other)} image(s) of other splits left out of training: "
             + ", ".join(f"{s} {n}" for s, n in sorted(by.items())))
-    items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4)
+    items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4,
+                                 contrast=cfg.contrast)
     for w in cheap_checks(items):  # train/valid leakage: shared patients or groups, byte-identical images
         warn(w)
     if len(skipped):
@@ -229,7 +236,7 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
         "versions": versions(),
     }
     write_json(run / "config.json", cfg.to_dict())
-    atomic_write_text(run / "items.csv", items[["path", "label", "split"]].to_csv(index=False))
+    atomic_write_text(run / "items.csv", items[["path", "label", "split", "source"]].to_csv(index=False))
     atomic_write_text(run / "skipped.csv", skipped.frame().to_csv(index=False))
     write_json(run / "run.json", meta)
     return RunInfo(run, cfg, meta), items
