@@ -417,6 +417,9 @@ def crossval_cmd(
     label_smoothing: float = typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
     class_weights: bool = typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
     opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw or fastai."),
+    balance: Balance = typer.Option(Balance(D.balance), "--balance", help="Training draws: none, class or class-source (as for train)."),
+    augment: Augment = typer.Option(Augment(D.augment), "--augment", help="none or light batch augmentation (as for train)."),
+    contrast: Contrast = typer.Option(Contrast(D.contrast), "--contrast", help="none or equalize at read time (as for train)."),
     exclude_source: List[str] = typer.Option([], "--exclude-source", help="Leave this source out of every fold (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),
@@ -434,7 +437,8 @@ def crossval_cmd(
                            seed=seed, min_scale=min_scale, device=device.value, workers=workers,
                            data_path=data_path.value, cache_dir=str(cache_dir or ""), opt=opt.value,
                            label_smoothing=label_smoothing, class_weights=class_weights,
-                           exclude_sources=tuple(exclude_source)).replace(**extra)
+                           exclude_sources=tuple(exclude_source), balance=balance.value, augment=augment.value,
+                           contrast=contrast.value).replace(**extra)
         cfg = CrossvalConfig(by=by.value, split=split.value, all_sources=all_sources, pooled=pooled, n_boot=n_boot)
         pcfg = PredictConfig(device=device.value, tta=tta)
         res = crossval(tcfg, out, cfg, pcfg=pcfg, force=force, progress=not quiet and sys.stderr.isatty(),

@@ -94,6 +94,7 @@ class EvalConfig:
     split: str = "test"
     n_boot: int = 1000             # bootstrap resamples for the 95% intervals
     seed: int = 0
+    source_gap: float = 0.10       # a source whose balanced accuracy is this far below the pooled one is named
 
 
 @dataclass(frozen=True)

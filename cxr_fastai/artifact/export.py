@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import CONTRAST
+from ..config import CONTRAST, EvalConfig
+from ..metrics import source_gaps
 from ..errors import ArtifactError, RunError
 from ..io.files import atomic_folder, recover_folder, sha256_file
 
@@ -118,6 +119,10 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
             "data": f"trained on {' + '.join(cfg.data)} ({meta.get('layout')}); class counts {meta.get('counts')}",
             "known_confounds": "Classes that come from different sources (hospitals, age groups) let a model "
                                "learn the source instead of the disease; check per-source metrics.",
+            "validation_by_source": meta.get("best_by_source"),
+            "source_warnings": source_gaps((meta.get("best_by_source") or {}).get("per_source"),
+                                           (meta.get("best_by_source") or {}).get("balanced_accuracy", 0.0),
+                                           EvalConfig.source_gap),
         },
     }
 

@@ -44,6 +44,7 @@ MIN_SIMILARITY = AuditConfig.min_similarity
 THUMB_SIZE = 32        # thumbnail side (pixels) for the correlation: THUMB_SIZE**2 values per image
 SIMILARITY_BINS = (0.8, 0.9, 0.95)   # edges of the candidate-correlation histogram
 MAX_EXAMPLES = 50      # example pairs / ids kept per finding (counts are always complete)
+CONFOUND_GAP = 0.4    # a source whose share of a class differs from the other sources' by this much is named
 SOURCE_SHARE = 0.8     # a class whose images come >= this share from one source gets a warning
 
 
@@ -553,14 +554,39 @@ def class_by_source(items: pd.DataFrame) -> dict[str, dict[str, dict[str, int]]]
 
 
 def _source_warnings(items: pd.DataFrame) -> list[str]:
-    from ..evaluate.metrics import source_warnings
+    from ..metrics import source_warnings
 
     if "source" not in items.columns or not (items.source != "").any():
         return []
     classes = sorted(items.label.unique().tolist())
     index = {c: k for k, c in enumerate(classes)}
     src = items.source.where(items.source != "", "(none)").tolist()
-    return source_warnings([index[c] for c in items.label], classes, src, threshold=SOURCE_SHARE)
+    return (source_warnings([index[c] for c in items.label], classes, src, threshold=SOURCE_SHARE)
+            + confounds(items))
+
+
+def confounds(items: pd.DataFrame, min_gap: float = CONFOUND_GAP) -> list[str]:
+    """The other direction of a class-by-source confound, with its numbers: a source whose training images
+    are of one class far more often (or far less often, or never) than the other sources' are. A model can
+    then predict the class from the look of the source. Training images only (what a model learns from);
+    all images when the layout has no train split."""
+    if "source" not in items.columns or items.source.nunique() < 2 or not (items.source != "").all():
+        return []
+    part = items[items.split == "train"] if (items.split == "train").any() else items
+    tab = pd.crosstab(part.source, part.label)
+    out = []
+    for s, row in tab.iterrows():
+        rest = tab.drop(index=s).sum()
+        n, n_rest = int(row.sum()), int(rest.sum())
+        if n == 0 or n_rest == 0:
+            continue
+        for c in tab.columns:
+            share, share_rest = row[c] / n, rest[c] / n_rest
+            if abs(share - share_rest) >= min_gap:
+                out.append(f"source '{s}': {share:.0%} {c} ({int(row[c]):,} of {n:,} training images) against "
+                           f"{share_rest:.0%} in the other sources ({int(rest[c]):,} of {n_rest:,}): a model can "
+                           f"learn this source's look as {'' if share > share_rest else 'not '}{c}")
+    return out
 
 
 def cheap_checks(items: pd.DataFrame, workers: int = 4) -> list[str]:

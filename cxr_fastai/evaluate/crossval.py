@@ -382,7 +382,7 @@ def evaluate_fold(artifact: Path, f: _Fold, cfg: CrossvalConfig, pcfg: PredictCo
     """Metrics of the artifact on the fold's images; labels the model lacks are left out and counted."""
     from ..artifact.predict import iter_probs, load_predictor
     from .evaluate import seen_in_training
-    from .metrics import compute_metrics
+    from ..metrics import compute_metrics
 
     pred = load_predictor(artifact, pcfg)
     classes = list(pred.classes)

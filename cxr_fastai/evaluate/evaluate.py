@@ -11,7 +11,7 @@ from ..config import EvalConfig, PredictConfig, write_json
 from ..data.discover import discover
 from ..errors import DataError
 from ..artifact.predict import iter_probs, load_predictor
-from .metrics import Metrics, compute_metrics, source_warnings
+from ..metrics import Metrics, compute_metrics, source_gaps, source_warnings
 
 
 @dataclass
@@ -83,7 +83,8 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
     sources = srcs if any(srcs) else None
     m = compute_metrics(np.array(y), np.stack(probs), classes, sources=sources, n_boot=ecfg.n_boot, seed=ecfg.seed)
     if sources:
-        for w in source_warnings(np.array(y), classes, sources):
+        for w in source_warnings(np.array(y), classes, sources) + source_gaps(m.per_source, m.balanced_accuracy,
+                                                                             ecfg.source_gap):
             warn(w)
     seen = seen_in_training(pred.art.manifest, used)
     if seen:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import InterpretConfig
+from ..config import EvalConfig, InterpretConfig
 from ..io.files import atomic_folder
 
 
@@ -60,11 +60,13 @@ def compute(learn, k: int = InterpretConfig.k) -> Interpretation:
     pairs = [(classes[a], classes[b], int(cm[a, b])) for a in range(c) for b in range(c) if a != b and cm[a, b] > 0]
     mc = pd.DataFrame(sorted(pairs, key=lambda t: -t[2]), columns=["actual", "predicted", "count"])
     n = int(cm.sum())
-    from .metrics import compute_metrics
+    from ..metrics import compute_metrics
 
     y = targs.long().numpy()
     p = probs.numpy()
-    metrics = compute_metrics(y, p, classes, n_boot=InterpretConfig.n_boot, seed=0).to_dict()
+    src = [str(s) for s in items["source"]] if "source" in items.columns else []
+    metrics = compute_metrics(y, p, classes, sources=src if any(src) else None, n_boot=InterpretConfig.n_boot,
+                              seed=0).to_dict()
     interp_ = Interpretation(classes, cm, top, mc, float(np.trace(cm) / max(n, 1)), n, y, p,
                              [str(x) for x in items["path"]], metrics)
     interp_.cams = grad_cams(learn.model, _cam_paths(interp_), learn.dls.valid, classes)
@@ -266,6 +268,8 @@ def html_report(interp: Interpretation, folder: Path) -> str:
     import base64
     import html
 
+    from ..metrics import source_gaps
+
     def img(name: str, alt: str) -> str:
         b64 = base64.b64encode((folder / name).read_bytes()).decode()
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
@@ -285,6 +289,16 @@ def html_report(interp: Interpretation, folder: Path) -> str:
         f"<td>{fmt(pc['specificity'])}{interval('specificity/' + c)}</td><td>{fmt(pc['ppv'])}</td>"
         f"<td>{fmt(pc['npv'])}</td><td>{fmt(pc['f1'])}</td><td>{fmt(pc.get('roc_auc'))}</td><td>{pc['support']}</td></tr>"
         for c, pc in m["per_class"].items())
+    per_source = m.get("per_source") or {}
+    src_rows = "".join(
+        f"<tr><td>{html.escape(s)}</td><td>{f['n']}</td><td>{fmt(f['accuracy'])}</td><td>{fmt(f['balanced_accuracy'])}</td>"
+        + "".join(f"<td>{fmt(f['per_class_sensitivity'].get(c))}</td>" for c in m["per_class"]) + "</tr>"
+        for s, f in sorted(per_source.items()))
+    gaps = "".join(f'<p class="warn">{html.escape(g)}.</p>' for g in
+                   source_gaps(per_source, m["balanced_accuracy"], EvalConfig.source_gap))
+    src_section = "" if not per_source else (
+        "<h2>Per source</h2>" + gaps + "<table><tr><th>source</th><th>n</th><th>accuracy</th><th>balanced accuracy</th>"
+        + "".join(f"<th>sensitivity {html.escape(c)}</th>" for c in m["per_class"]) + f"</tr>{src_rows}</table>")
     top = "".join(f"<tr><td>{html.escape(Path(r.path).name)}</td><td>{html.escape(r.actual)}</td>"
                   f"<td>{html.escape(r.predicted)}</td><td>{r.probability:.3f}</td><td>{r.loss:.3f}</td></tr>"
                   for r in interp.top_losses.itertuples())
@@ -301,6 +315,7 @@ report test-split figures with <code>cxr-fastai evaluate</code>.</p>
 <p>Accuracy <b>{m['accuracy']:.3f}</b>{interval('accuracy')} &nbsp; Balanced accuracy
 <b>{m['balanced_accuracy']:.3f}</b>{interval('balanced_accuracy')} &nbsp; Expected calibration error {m['ece']:.3f}</p>
 <table><tr><th>class</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th><th>ROC AUC</th><th>support</th></tr>{rows}</table>
+{src_section}
 <h2>Confusion matrix</h2>{img('confusion_matrix.png', 'confusion matrix')}
 <h2>ROC curves</h2>{img('roc.png', 'ROC curves')}
 <h2>Top losses</h2>{img('top_losses.png', 'top losses')}

@@ -312,9 +312,25 @@ def finish(learn, info: RunInfo) -> None:
 
     learn.model = unwrap(learn.model)
     learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
+    info.meta["best_by_source"] = validation_by_source(learn, info)
     export_learner(learn, info.path / "learner.pkl")
     info.meta["finished"] = True
     write_json(info.path / "run.json", info.meta)
+
+
+def validation_by_source(learn, info: RunInfo) -> dict | None:
+    """The best model's validation figures per source (None when the run's items carry no source)."""
+    from ..metrics import compute_metrics
+
+    items = info.items()
+    valid = items[items.split == "valid"]
+    if "source" not in valid.columns or not valid.source.astype(str).str.len().any():
+        return None
+    with learn.no_bar():
+        probs, targs = learn.get_preds(dl=learn.dls.valid.new(shuffle=False, drop_last=False))
+    m = compute_metrics(targs.long().numpy(), probs.float().numpy(), info.classes,
+                        sources=valid.source.astype(str).tolist(), n_boot=0)
+    return {"n": m.n, "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "per_source": m.per_source}
 
 
 def export_learner(learn, dest: Path) -> None:

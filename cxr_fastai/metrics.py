@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Metrics", "compute_metrics", "source_warnings"]
+__all__ = ["Metrics", "compute_metrics", "source_gaps", "source_warnings"]
 
 # One-vs-rest ratios reported per class, in output order.
 _RATES: tuple[str, ...] = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -155,6 +155,22 @@ def source_warnings(
                 "the model may have learned the source, not the disease"
             )
     return warnings
+
+
+def source_gaps(per_source: dict[str, dict[str, Any]] | None, pooled_balanced: float,
+                gap: float = 0.10) -> list[str]:
+    """One plain sentence per source whose balanced accuracy is at least `gap` below the pooled figure:
+    the number a user would otherwise take for how the model does on their own hospital's images."""
+    out: list[str] = []
+    for s, f in sorted((per_source or {}).items()):
+        b = f.get("balanced_accuracy")
+        if b is None or not math.isfinite(b) or pooled_balanced - b < gap:
+            continue
+        weak = [f"{c} {v:.2f}" for c, v in (f.get("per_class_sensitivity") or {}).items() if v is not None]
+        out.append(f"source '{s}' (n={f['n']}): balanced accuracy {b:.2f} against {pooled_balanced:.2f} pooled"
+                   + (f" (sensitivity {', '.join(weak)})" if weak else "")
+                   + "; the pooled figure overstates how the model does on images like these")
+    return out
 
 
 # --------------------------------------------------------------------------- core
