@@ -1,0 +1,144 @@
+"""Several datasets in one run, the levers against shortcuts, and the tool saying where it does worse.
+Tiny synthetic roots (16 px, a narrow ResNet9), trained once for the module."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_fastai.config import PredictConfig, TrainConfig
+
+WIDTHS = (8, 16, 16, 32)
+
+
+def _site(root: Path, seed: int, source: str = "") -> Path:
+    """A synthetic labels.csv dataset whose source column is `source` (blank: the root's name is used)."""
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    make_synthetic_dataset(root, n_per_class=14, size=32, seed=seed)
+    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    df["source"] = source
+    df.to_csv(root / "labels.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("sites")
+    return _site(base / "site_a", 1), _site(base / "site_b", 2)
+
+
+@pytest.fixture(scope="module")
+def two_site_run(two_sites, tmp_path_factory) -> Path:
+    from cxr_fastai.train.fit import train
+
+    run = tmp_path_factory.mktemp("two_site_run") / "run"
+    train(TrainConfig(data=two_sites, run=str(run), size=16, epochs=2, bs=16, widths=WIDTHS,
+                      balance="class-source", augment="light", contrast="equalize"))
+    return run
+
+
+def test_a_run_on_two_roots_keeps_both_and_reports_both_sources(two_sites, two_site_run, tmp_path):
+    from cxr_fastai.artifact.export import export_run
+    from cxr_fastai.evaluate.evaluate import evaluate
+
+    cfg = json.loads((two_site_run / "config.json").read_text())
+    assert cfg["data"] == [str(p) for p in two_sites]
+    items = pd.read_csv(two_site_run / "items.csv")
+    assert sorted(items.source.unique()) == ["site_a", "site_b"]        # the roots' folder names
+    art = export_run(two_site_run, to=tmp_path / "art")
+    assert art.manifest["input"]["contrast"] == "equalize"
+    by_source = art.manifest["model_card"]["validation_by_source"]["per_source"]
+    assert set(by_source) == {"site_a", "site_b"}
+    res = evaluate(art.folder, list(two_sites), split="test", cfg=PredictConfig(workers=1))
+    assert set(res.metrics.per_source) == {"site_a", "site_b"}
+    assert sum(f["n"] for f in res.metrics.per_source.values()) == res.metrics.n
+
+
+def test_the_safetensors_and_pickle_paths_apply_the_same_contrast_step(two_site_run, tmp_path):
+    from cxr_fastai.artifact.export import export_run
+    from cxr_fastai.artifact.predict import iter_probs, load_predictor
+
+    art = export_run(two_site_run, to=tmp_path / "art")
+    items = pd.read_csv(two_site_run / "items.csv")
+    paths = [Path(p) for p in items[items.split == "valid"].path][:12]
+    got = {}
+    for trust in (False, True):
+        cfg = PredictConfig(trust_pickle=trust, workers=1)
+        got[trust] = np.stack([p for _, p, _ in iter_probs(load_predictor(art.folder, cfg), paths, cfg)])
+    np.testing.assert_allclose(got[False], got[True], atol=1e-5)
+
+
+def test_a_split_name_of_ones_own_is_evaluated_and_left_out_of_training(tmp_path):
+    from cxr_fastai.data.discover import discover
+
+    root = _site(tmp_path / "site_c", 3, source="site_c")
+    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    df.loc[df.split == "test", "split"] = "external"
+    df.to_csv(root / "labels.csv", index=False)
+    ds = discover(root)
+    assert set(ds.items.split) == {"train", "valid", "external"}
+    df.loc[0, "split"] = "no spaces allowed"
+    df.to_csv(root / "labels.csv", index=False)
+    from cxr_fastai.errors import DataError
+
+    with pytest.raises(DataError, match="split 'no spaces allowed'"):
+        discover(root)
+
+
+def test_class_source_balance_draws_every_stratum_equally_often():
+    from cxr_fastai.data.loaders import sampling_weights
+
+    train = pd.DataFrame({"label": ["P"] * 90 + ["P"] * 10 + ["N"] * 50 + ["N"] * 50,
+                          "source": ["kids"] * 90 + ["adults"] * 10 + ["kids"] * 50 + ["adults"] * 50})
+    w = sampling_weights(train, "class-source")
+    strata = train.assign(w=w).groupby(["label", "source"]).w.sum()
+    assert np.allclose(strata.to_numpy(), 0.25)
+    w = sampling_weights(train, "class")
+    assert np.allclose(train.assign(w=w).groupby("label").w.sum().to_numpy(), 0.5)
+    assert sampling_weights(train, "none") is None
+
+
+def test_balanced_draws_are_seeded_by_epoch(two_site_run):
+    from cxr_fastai.train.fit import learner_from_run
+    from cxr_fastai.train.runs import load_run
+
+    dl = learner_from_run(load_run(two_site_run), "cpu").dls.train
+    assert dl.wgts is not None
+    dl.set_epoch(1)
+    a = dl.get_idxs()
+    dl.set_epoch(2)
+    b = dl.get_idxs()
+    dl.set_epoch(1)
+    assert dl.get_idxs() == a != b
+    assert len(a) == dl.n and len(set(a)) < dl.n   # drawn with replacement
+
+
+def test_audit_names_a_source_that_stands_for_a_class():
+    from cxr_fastai.data.audit import confounds
+
+    items = pd.DataFrame({"split": "train", "label": ["PNEUMONIA"] * 80 + ["NORMAL"] * 20 + ["NORMAL"] * 100,
+                          "source": ["kids"] * 100 + ["adults"] * 100})
+    lines = confounds(items)
+    assert any("source 'kids': 80% PNEUMONIA (80 of 100 training images) against 0% in the other sources" in m
+               for m in lines)
+
+
+def test_a_source_far_below_the_pooled_figure_gets_a_plain_sentence():
+    from cxr_fastai.metrics import source_gaps
+
+    per_source = {"big": {"n": 900, "balanced_accuracy": 0.93, "per_class_sensitivity": {"P": 0.95}},
+                  "nih": {"n": 77, "balanced_accuracy": 0.48, "per_class_sensitivity": {"P": 0.16}}}
+    (line,) = source_gaps(per_source, 0.91)
+    assert "source 'nih' (n=77): balanced accuracy 0.48 against 0.91 pooled" in line and "P 0.16" in line
+
+
+def test_the_report_shows_a_per_source_table(two_site_run, tmp_path):
+    from cxr_fastai.evaluate.report import interpret_run
+
+    rep = interpret_run(two_site_run, k=4, out=tmp_path / "rep", device="cpu")
+    page = (rep.folder / "report.html").read_text()
+    assert "<h2>Per source</h2>" in page and "site_a" in page and "site_b" in page
