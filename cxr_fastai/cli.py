@@ -142,29 +142,66 @@ def _main(ctx: typer.Context,
 D = TrainConfig()
 
 
+
+# The training recipe's options, shared by `train` and `crossval` (one definition of each flag and its help).
+RECIPE = {
+    "size": typer.Option(D.size, min=16, max=1024, help="Image side in px the model sees."),
+    "epochs": typer.Option(D.epochs, min=1, max=10_000, help="Length of the one-cycle schedule."),
+    "bs": typer.Option(D.bs, min=1, max=8192, help="Batch size (clamped to the training-set size)."),
+    "lr": typer.Option(D.lr, min=1e-7, max=10.0, help="Peak learning rate of the one-cycle schedule."),
+    "wd": typer.Option(D.wd, min=0.0, max=1.0, help="Decoupled weight decay (not on BN/bias)."),
+    "clip": typer.Option(D.clip, min=1e-6, help="Gradient-norm clip (fastai GradientClip)."),
+    "seed": typer.Option(D.seed, min=0, help="Seed: the same seed gives the same numbers on CPU."),
+    "min_scale": typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
+    "device": typer.Option(Device(D.device), help="Where to train."),
+    "workers": typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
+    "data_path": typer.Option(DataPath(D.data_path), "--data-path", help="cached: decode once, augment per batch on the device; pil: fastai per-item transforms."),
+    "cache_dir": typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between runs (keyed by file content and size)."),
+    "label_smoothing": typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
+    "class_weights": typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
+    "exclude_source": typer.Option([], "--exclude-source", help="Leave images of this labels.csv source out of train and valid (repeatable)."),
+    "balance": typer.Option(Balance(D.balance), "--balance", help="Draw training images so that every class (class) or every class x source stratum (class-source) is seen equally often."),
+    "augment": typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch."),
+    "contrast": typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
+    "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
+}
+
+
+def _train_config(data, values: dict, **extra) -> TrainConfig:
+    """A TrainConfig from a command's recipe options (its locals()), the data roots and any extra fields."""
+    v = {n: values[n] for n in RECIPE}
+    return TrainConfig(data=tuple(str(d) for d in data or ()), size=v["size"], epochs=v["epochs"], bs=v["bs"],
+                       lr=v["lr"], wd=v["wd"], clip=v["clip"], seed=v["seed"], min_scale=v["min_scale"],
+                       device=v["device"].value, workers=v["workers"], data_path=v["data_path"].value,
+                       cache_dir=str(v["cache_dir"] or ""), label_smoothing=v["label_smoothing"],
+                       class_weights=v["class_weights"], exclude_sources=tuple(v["exclude_source"]),
+                       balance=v["balance"].value, augment=v["augment"].value, contrast=v["contrast"].value,
+                       opt=v["opt"].value, **extra)
+
+
 @app.command()
 def train(
     data: Optional[List[Path]] = typer.Argument(None, help="Dataset root(s), each ROOT/{train,valid[,test]}/CLASS/*, ROOT/CLASS/* or ROOT/labels.csv; several roots train one model (an item's source: its labels.csv source, else its root's folder name). Not needed with --resume."),
     run: Path = typer.Option(..., "--run", help="Run folder to create (config, stats, checkpoints, logs)."),
-    size: int = typer.Option(D.size, min=16, max=1024, help="Image side in px the model sees."),
-    epochs: int = typer.Option(D.epochs, min=1, max=10_000, help="Length of the one-cycle schedule."),
-    bs: int = typer.Option(D.bs, min=1, max=8192, help="Batch size (clamped to the training-set size)."),
-    lr: float = typer.Option(D.lr, min=1e-7, max=10.0, help="Peak learning rate of the one-cycle schedule."),
-    wd: float = typer.Option(D.wd, min=0.0, max=1.0, help="Decoupled weight decay (not on BN/bias)."),
-    clip: float = typer.Option(D.clip, min=1e-6, help="Gradient-norm clip (fastai GradientClip)."),
-    seed: int = typer.Option(D.seed, min=0, help="Seed: the same seed gives the same numbers on CPU."),
-    min_scale: float = typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
-    device: Device = typer.Option(Device(D.device), help="Where to train."),
-    workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
-    data_path: DataPath = typer.Option(DataPath(D.data_path), "--data-path", help="cached: decode once, augment per batch on the device; pil: fastai per-item transforms."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between runs (keyed by file content and size)."),
-    label_smoothing: float = typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
-    class_weights: bool = typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
-    exclude_source: List[str] = typer.Option([], "--exclude-source", help="Leave images of this labels.csv source out of train and valid (repeatable)."),
-    balance: Balance = typer.Option(Balance(D.balance), "--balance", help="Draw training images so that every class (class) or every class x source stratum (class-source) is seen equally often."),
-    augment: Augment = typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch."),
-    contrast: Contrast = typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
-    opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
+    size: int = RECIPE["size"],
+    epochs: int = RECIPE["epochs"],
+    bs: int = RECIPE["bs"],
+    lr: float = RECIPE["lr"],
+    wd: float = RECIPE["wd"],
+    clip: float = RECIPE["clip"],
+    seed: int = RECIPE["seed"],
+    min_scale: float = RECIPE["min_scale"],
+    device: Device = RECIPE["device"],
+    workers: int = RECIPE["workers"],
+    data_path: DataPath = RECIPE["data_path"],
+    cache_dir: Optional[Path] = RECIPE["cache_dir"],
+    label_smoothing: float = RECIPE["label_smoothing"],
+    class_weights: bool = RECIPE["class_weights"],
+    exclude_source: List[str] = RECIPE["exclude_source"],
+    balance: Balance = RECIPE["balance"],
+    augment: Augment = RECIPE["augment"],
+    contrast: Contrast = RECIPE["contrast"],
+    opt: OptKind = RECIPE["opt"],
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
@@ -177,12 +214,7 @@ def train(
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
     if not data and not resume:
         raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
-    cfg = TrainConfig(data=tuple(str(d) for d in data or ()), run=str(run), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
-                      seed=seed, min_scale=min_scale, device=device.value, workers=workers,
-                      data_path=data_path.value, cache_dir=str(cache_dir or ""), compile=compile_model, opt=opt.value,
-                      label_smoothing=label_smoothing, class_weights=class_weights,
-                      exclude_sources=tuple(exclude_source), balance=balance.value, augment=augment.value,
-                      contrast=contrast.value)
+    cfg = _train_config(data, locals(), run=str(run), compile=compile_model)
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
         _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),
@@ -402,25 +434,25 @@ def crossval_cmd(
     split: CrossvalSplit = typer.Option(CrossvalSplit(CrossvalConfig.split), "--split", help="Held-out images scored: all (every split of the held-out source; none was seen in training), test or valid. The pooled fold uses test for all."),
     all_sources: bool = typer.Option(CrossvalConfig.all_sources, "--all-sources", help="Also hold out sources that have a single class."),
     pooled: bool = typer.Option(CrossvalConfig.pooled, "--pooled/--no-pooled", help="Also train on every source and score the pooled test split (the in-distribution figure)."),
-    size: int = typer.Option(D.size, min=16, max=1024, help="Image side in px the model sees."),
-    epochs: int = typer.Option(D.epochs, min=1, max=10_000, help="Length of each fold's one-cycle schedule."),
-    bs: int = typer.Option(D.bs, min=1, max=8192, help="Batch size (clamped to the training-set size)."),
-    lr: float = typer.Option(D.lr, min=1e-7, max=10.0, help="Peak learning rate of the one-cycle schedule."),
-    wd: float = typer.Option(D.wd, min=0.0, max=1.0, help="Decoupled weight decay (not on BN/bias)."),
-    clip: float = typer.Option(D.clip, min=1e-6, help="Gradient-norm clip."),
-    seed: int = typer.Option(D.seed, min=0, help="Seed of every fold."),
-    min_scale: float = typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
-    device: Device = typer.Option(Device(D.device), help="Where to train and evaluate."),
-    workers: int = typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
-    data_path: DataPath = typer.Option(DataPath(D.data_path), "--data-path", help="cached or pil (as for train)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the decoded image cache here between folds and runs."),
-    label_smoothing: float = typer.Option(D.label_smoothing, "--label-smoothing", min=0.0, max=0.5, help="Cross-entropy label smoothing."),
-    class_weights: bool = typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
-    opt: OptKind = typer.Option(OptKind(D.opt), "--opt", help="adamw or fastai."),
-    balance: Balance = typer.Option(Balance(D.balance), "--balance", help="Training draws: none, class or class-source (as for train)."),
-    augment: Augment = typer.Option(Augment(D.augment), "--augment", help="none or light batch augmentation (as for train)."),
-    contrast: Contrast = typer.Option(Contrast(D.contrast), "--contrast", help="none or equalize at read time (as for train)."),
-    exclude_source: List[str] = typer.Option([], "--exclude-source", help="Leave this source out of every fold (repeatable)."),
+    size: int = RECIPE["size"],
+    epochs: int = RECIPE["epochs"],
+    bs: int = RECIPE["bs"],
+    lr: float = RECIPE["lr"],
+    wd: float = RECIPE["wd"],
+    clip: float = RECIPE["clip"],
+    seed: int = RECIPE["seed"],
+    min_scale: float = RECIPE["min_scale"],
+    device: Device = RECIPE["device"],
+    workers: int = RECIPE["workers"],
+    data_path: DataPath = RECIPE["data_path"],
+    cache_dir: Optional[Path] = RECIPE["cache_dir"],
+    label_smoothing: float = RECIPE["label_smoothing"],
+    class_weights: bool = RECIPE["class_weights"],
+    opt: OptKind = RECIPE["opt"],
+    balance: Balance = RECIPE["balance"],
+    augment: Augment = RECIPE["augment"],
+    contrast: Contrast = RECIPE["contrast"],
+    exclude_source: List[str] = RECIPE["exclude_source"],
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation when scoring (6x the compute)."),
@@ -430,15 +462,11 @@ def crossval_cmd(
     """Leave-one-source-out: train on all sources but one, score the held-out one; plus a pooled in-distribution fold."""
     from .evaluate.crossval import crossval, parse_train_overrides, write_crossval
 
+    values = locals()
     with _errors(f"finished folds are kept in {out}; rerun the same command to resume"):
         _out_folder(out, "--out")
         extra = parse_train_overrides(set_)
-        tcfg = TrainConfig(data=tuple(str(d) for d in data), size=size, epochs=epochs, bs=bs, lr=lr, wd=wd, clip=clip,
-                           seed=seed, min_scale=min_scale, device=device.value, workers=workers,
-                           data_path=data_path.value, cache_dir=str(cache_dir or ""), opt=opt.value,
-                           label_smoothing=label_smoothing, class_weights=class_weights,
-                           exclude_sources=tuple(exclude_source), balance=balance.value, augment=augment.value,
-                           contrast=contrast.value).replace(**extra)
+        tcfg = _train_config(data, values).replace(**extra)
         cfg = CrossvalConfig(by=by.value, split=split.value, all_sources=all_sources, pooled=pooled, n_boot=n_boot)
         pcfg = PredictConfig(device=device.value, tta=tta)
         res = crossval(tcfg, out, cfg, pcfg=pcfg, force=force, progress=not quiet and sys.stderr.isatty(),

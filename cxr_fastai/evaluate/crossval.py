@@ -31,6 +31,7 @@ import pandas as pd
 
 from ..config import CrossvalConfig, PredictConfig, TrainConfig, write_json
 from ..errors import ArtifactError, CxrError, DataError, RunError
+from ..train.runs import fmt_seconds
 
 Log = Callable[[str], None]
 
@@ -320,7 +321,7 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
         left = [g for g in folds[i:] if not g.skip and not (out / "folds" / g.name / RESULT_FILE).is_file()]
         if left and fitted:
             eta = spent / fitted * sum(g.n_fit for g in left)
-            msg += f"; about {_duration(eta)} left for {len(left)} more fold(s)"
+            msg += f"; about {fmt_seconds(eta)} left for {len(left)} more fold(s)"
         log(msg)
     return CrossvalResult(out, config, results, time.perf_counter() - t0)
 
@@ -441,14 +442,6 @@ def _ci(x: float | None, ci: list[float] | None) -> str:
     if x is None:
         return "n/a"
     return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{x:.3f}"
-
-
-def _duration(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def crossval_markdown(res: CrossvalResult) -> str:

@@ -19,7 +19,7 @@ from fastai.learner import AvgSmoothLoss
 from ..config import write_json
 from ..data.cached_dl import seed_for
 from ..io.files import atomic_save_path, atomic_write_text
-from .runs import BEST_METRIC, RunInfo
+from .runs import BEST_METRIC, RunInfo, fmt_seconds
 
 Log = Callable[[str], None]
 
@@ -160,9 +160,3 @@ def read_history(path: Path, epochs_done: int) -> list[dict]:
     return pd.read_csv(path).head(epochs_done).to_dict("records")
 
 
-def fmt_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"

@@ -88,3 +88,11 @@ def versions() -> dict[str, str]:
 
     return {"cxr_fastai": __version__, "fastai": fastai.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "python": platform.python_version()}
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
