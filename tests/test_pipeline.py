@@ -56,6 +56,7 @@ def test_default_loaders_are_fastai_tfmddls_with_fastai_normalize(tiny_learn):
         assert kinds == [IntToFloatTensor, RandomResizedCropBatch, Normalize]
     x, y = tiny_learn.dls.train.one_batch()
     assert x.shape == (16, 1, 16, 16) and x.dtype == torch.float32
+    assert type(x)._show_args["cmap"] == "gray"  # shown as read, not with fastai's inverted 'Greys' for BW
     assert abs(float(x.mean())) < 1.5  # normalised with the training stats, not raw [0, 1] pixels
     xv, _ = tiny_learn.dls.valid.one_batch()
     assert xv.shape[-1] == 16

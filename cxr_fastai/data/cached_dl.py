@@ -11,11 +11,12 @@ import random
 import numpy as np
 import torch
 from fastai.data.core import TfmdDL
-from fastai.torch_core import TensorCategory, TensorImageBW
+from fastai.torch_core import TensorCategory
 from fastai.vision.augment import RandTransform
 from fastai.vision.core import TensorImage
 
 from .augment import random_resized_crop
+from .types import CxrTensorImage
 
 
 def seed_for(seed: int, epoch: int) -> int:
@@ -100,7 +101,7 @@ class CachedDL(TfmdDL):
             return super().create_batch(b)
         x, y = self.cache
         idx = torch.as_tensor(b, dtype=torch.long).to(x.device, non_blocking=True)
-        return TensorImageBW(x[idx]), TensorCategory(y[idx])
+        return CxrTensorImage(x[idx]), TensorCategory(y[idx])
 
     def to(self, device):
         super().to(device)

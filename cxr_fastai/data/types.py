@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 from fastai.data.transforms import Transform
+from fastai.torch_core import TensorImageBW
 from fastai.vision.core import PILImageBW
 
 from ..io.images import apply_contrast, read_grey
 
 
+class CxrTensorImage(TensorImageBW):
+    """A batch of radiographs. fastai draws grey tensors with matplotlib's 'Greys' map, which shows bright
+    as black; `show_batch` should show a film as it is read."""
+    _show_args = {"cmap": "gray"}
+
+
 class CxrImage(PILImageBW):
     """A grey radiograph read by `images.read_grey` (16-bit scaled, alpha on black, EXIF applied)."""
+    _show_args, _tensor_cls = {"cmap": "gray"}, CxrTensorImage
 
     @classmethod
     def create(cls, fn, **kwargs):
