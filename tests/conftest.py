@@ -1,11 +1,18 @@
 """Shared fixtures. Real data: $CXR_DATA or ../shared/data/cxr3 beside the repository. Under CI=true a
-missing dataset is a failure, not a skip."""
+missing dataset is a failure, not a skip.
+
+`tiny_model`: ONE tiny trained run and its exported artifact for the whole session (synthetic data, a narrow
+ResNet9 at 16 px, one epoch, trained in-process through the library): every test that only needs *a* model
+uses it and must not change it (copy what you want to edit). `cli(...)` runs the CLI in-process (typer's
+CliRunner); `run_cli(...)` starts a fresh process, for the few tests that must prove one works (signals, a
+model exported in one process predicting the same in another, the `python -m cxr_fastai` entry point)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +91,53 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
     """`cxr-fastai ARGS` in a fresh process (as a user runs it)."""
     return subprocess.run([sys.executable, "-m", "cxr_fastai", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def cli(*args):
+    """`cxr-fastai ARGS` in this process (typer's CliRunner): result.exit_code, .stdout, .stderr, .output."""
+    from typer.testing import CliRunner
+
+    from cxr_fastai.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------ one tiny model for the session
+
+TINY_WIDTHS = (8, 16, 16, 32)   # a narrow ResNet9: every forward pass is ~100x cheaper than the default
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    data: Path        # synthetic labels.csv dataset: train 8, valid 4, test 4 images per class, 32 px
+    run: Path         # the finished run folder (16 px, 1 epoch)
+    art: Path         # its exported artifact
+    classes: tuple[str, ...]
+
+    def test_images(self, label: str | None = None) -> list[Path]:
+        folder = self.data / "test" / label if label else self.data / "test"
+        return sorted(folder.rglob("*.png"))
+
+
+def _fingerprint(*folders: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in sorted(f.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A trained run + artifact shared by every test that needs a model but not a particular one. Read it,
+    never change it: the session checks at its end that no file of the data, run or artifact changed."""
+    from cxr_fastai.artifact.export import export_run
+    from cxr_fastai.config import TrainConfig
+    from cxr_fastai.synth import CLASSES, make_synthetic_dataset
+    from cxr_fastai.train.fit import train
+
+    base = tmp_path_factory.mktemp("tiny_model")
+    data = make_synthetic_dataset(base / "data", {"train": 8, "valid": 4, "test": 4}, size=32, seed=0)
+    run, art = base / "run", base / "art"
+    train(TrainConfig(data=str(data), run=str(run), size=16, epochs=1, bs=8, widths=TINY_WIDTHS, device="cpu"))
+    export_run(run, art)
+    before = _fingerprint(data, run, art)
+    yield TinyModel(data, run, art, tuple(CLASSES))
+    assert _fingerprint(data, run, art) == before, "a test changed the session's tiny model; copy it instead"

@@ -1,13 +1,14 @@
 """A process killed at any point of an export leaves the artifact folder wholly old or wholly new.
 
 `export_run` builds the artifact in a sibling temporary folder (`.NAME.new-*`) and swaps it in with two
-renames (old -> `.NAME.old`, new -> NAME). Each case below runs a real export in a fresh process that
-SIGKILLs itself right after one file-system step, over an existing older artifact, then checks what a
-reader sees, that a re-export without --force refuses and touches nothing, and that a forced re-export
-succeeds and leaves no stray temporary or aside folders.
+renames (old -> `.NAME.old`, new -> NAME). Each case below runs a real export in a process that SIGKILLs
+itself right after one file-system step, over an existing older artifact, then checks what a reader sees,
+that a re-export without --force refuses and touches nothing, and that a forced re-export succeeds and
+leaves no stray temporary or aside folders. The processes: one fresh Python imports the exporter once and
+forks one child per case (each child its own destination), so the import is paid once.
 
-One tiny model is trained (16 px, 1 epoch, 12 synthetic images); the "new" run is a copy of it with
-perturbed best-checkpoint weights, so old and new artifacts differ in every file but the pickle.
+The "old" run is the session's tiny model; the "new" run is a copy of it with perturbed best-checkpoint
+weights, so old and new artifacts differ in every file but the pickle.
 """
 from __future__ import annotations
 
@@ -22,23 +23,26 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 
 pytestmark = pytest.mark.slow
 
 MANIFEST, WEIGHTS, PICKLE = "manifest.json", "model.safetensors", "model.pkl"
 
-# Runs export_run(RUN, DEST, force=True) and SIGKILLs itself right after the step named by POINT.
-# Only steps on the export's own paths (its files in DEST's temporary folder or DEST, the swap renames) trigger.
+# For each (POINT, DEST) given as JSON: a forked child runs export_run(RUN, DEST, force=True) and SIGKILLs
+# itself right after the step named by POINT. Only steps on the export's own paths (its files in DEST's
+# temporary folder or DEST, the swap renames) trigger. Prints {DEST: the child's wait status}.
 KILL_SCRIPT = r'''
-import os, pathlib, shutil, signal, sys
+import json, os, pathlib, shutil, signal, sys
 
 import safetensors.torch
+import torch  # noqa: F401  (imported once, before forking)
 
-from cxr_fastai import export, fsutil
+from cxr_fastai.artifact import export
+from cxr_fastai.io import files as fsutil
+from cxr_fastai.train import runs  # noqa: F401  (export_run imports it)
 
-point, run, dest = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
-tmp_prefix, aside_name = f".{dest.name}.new-", f".{dest.name}.old"
+run, cases = sys.argv[1], json.loads(sys.argv[2])
 
 
 def die():
@@ -95,13 +99,24 @@ def replace(src, dst, *a, **k):
     return out
 
 
-shutil.copyfile = copyfile                   # export.py calls shutil.copyfile(...)
-safetensors.torch.save_file = save_file      # export_run imports it at call time, after this
-pathlib.Path.write_text = write_text         # (tmp / MANIFEST).write_text(...)
-fsutil.os.replace = replace                  # the swap renames in fsutil.atomic_folder
-export.export_run(run, dest, force=True)
-print("export finished: the kill point was never reached")
-sys.exit(3)
+status = {}
+for point, dest in cases:
+    dest = pathlib.Path(dest)
+    tmp_prefix, aside_name = f".{dest.name}.new-", f".{dest.name}.old"
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        shutil.copyfile = copyfile                   # export.py calls shutil.copyfile(...)
+        safetensors.torch.save_file = save_file      # export_run imports it at call time, after this
+        pathlib.Path.write_text = write_text         # (tmp / MANIFEST).write_text(...)
+        fsutil.os.replace = replace                  # the swap renames in io.files.atomic_folder
+        try:
+            export.export_run(run, dest, force=True)
+            print("export finished: the kill point was never reached", file=sys.stderr)
+        finally:
+            os._exit(3)
+    status[str(dest)] = os.waitpid(pid, 0)[1]
+print(json.dumps(status))
 '''
 
 # point -> (what the folder must hold right after the kill, before any reader or exporter recovers it)
@@ -135,18 +150,13 @@ def strays(dest: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_model, tmp_path_factory):
     import torch
 
     from cxr_fastai.artifact.export import export_run
-    from cxr_fastai.synth import make_synthetic_dataset
 
     base = tmp_path_factory.mktemp("atomic_export")
-    ds = make_synthetic_dataset(base / "ds", {"train": 4, "valid": 2}, size=32)
-    run_a, run_b = base / "run_a", base / "run_b"
-    res = run_cli("train", ds, "--run", run_a, "--size", 16, "--epochs", 1, "--bs", 4, "--device", "cpu",
-                  "--workers", 0, "-q")
-    assert res.returncode == 0, res.stderr
+    run_a, run_b = tiny_model.run, base / "run_b"
     # the "new" run: the same run with different best weights
     shutil.copytree(run_a, run_b)
     best = run_b / "checkpoints" / "best.pth"
@@ -160,15 +170,31 @@ def runs(tmp_path_factory):
     export_run(run_b, new)
     fp_old, fp_new = fingerprint(old), fingerprint(new)
     assert fp_old[WEIGHTS] != fp_new[WEIGHTS] and fp_old[MANIFEST] != fp_new[MANIFEST]
-    return {"a": run_a, "b": run_b, "old": old, "old_bytes": snapshot(old), "fp_old": fp_old, "fp_new": fp_new}
+    return {"a": run_a, "b": run_b, "old": old, "old_bytes": snapshot(old), "fp_old": fp_old, "fp_new": fp_new,
+            "image": tiny_model.test_images()[0]}
 
 
-def existing_old(runs, tmp_path: Path) -> Path:
+def existing_old(runs, folder: Path) -> Path:
     """An older artifact already at the destination (a byte copy of the run-A export)."""
-    dest = tmp_path / "out" / "art"
-    dest.parent.mkdir()
+    dest = folder / "out" / "art"
+    dest.parent.mkdir(parents=True)
     shutil.copytree(runs["old"], dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def killed(runs, tmp_path_factory) -> dict[str, tuple[Path, int]]:
+    """Every case's export, killed: case -> (its destination, the killed process's wait status). The cases
+    are the POINTS, and "cli-aside" (an "aside" kill for the `predict` test)."""
+    base = tmp_path_factory.mktemp("killed")
+    cases = {name: existing_old(runs, base / name) for name in [*POINTS, "cli-aside"]}
+    point = {name: "aside" if name == "cli-aside" else name for name in cases}
+    res = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(runs["b"]),
+                          json.dumps([(point[n], str(d)) for n, d in cases.items()])],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    status = json.loads(res.stdout.strip().splitlines()[-1])
+    return {name: (dest, status[str(dest)]) for name, dest in cases.items()}
 
 
 def whole(runs, dest: Path) -> str:
@@ -189,19 +215,17 @@ def whole(runs, dest: Path) -> str:
     pytest.fail(f"{dest} is a mix of the old and new artifacts: {fp}")
 
 
-def kill_export(run: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILL_SCRIPT, point, str(run), str(dest)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+def killed_by_sigkill(status: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 @pytest.mark.parametrize("point", list(POINTS))
-def test_killed_export_leaves_old_or_new(runs, tmp_path, point):
+def test_killed_export_leaves_old_or_new(runs, killed, point):
     from cxr_fastai.errors import ArtifactError
     from cxr_fastai.artifact.export import export_run
 
-    dest = existing_old(runs, tmp_path)
-    res = kill_export(runs["b"], dest, point)
-    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stdout, res.stderr)
+    dest, status = killed[point]
+    assert killed_by_sigkill(status), status
 
     # on disk, before anyone recovers anything
     expect = POINTS[point]
@@ -231,23 +255,22 @@ def test_killed_export_leaves_old_or_new(runs, tmp_path, point):
 def test_cli_export_without_force_keeps_old_files(runs, tmp_path):
     dest = existing_old(runs, tmp_path)
     mtimes = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
-    res = run_cli("export", runs["b"], "--to", dest)
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert "--force" in res.stderr and "Traceback" not in res.stderr
+    res = cli("export", runs["b"], "--to", dest)
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert "--force" in res.stderr and "Traceback" not in res.output
     assert snapshot(dest) == runs["old_bytes"]
     assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes
     assert strays(dest) == []
 
 
-def test_cli_predict_recovers_a_swap_cut_between_its_renames(runs, tmp_path):
+def test_cli_predict_recovers_a_swap_cut_between_its_renames(runs, killed, tmp_path):
     """The reader path end to end: `predict` on an artifact whose swap was killed mid-way."""
-    dest = existing_old(runs, tmp_path)
-    assert kill_export(runs["b"], dest, "aside").returncode == -signal.SIGKILL
+    dest, status = killed["cli-aside"]
+    assert killed_by_sigkill(status), status
     assert not dest.exists()
-    img = next((runs["a"].parent / "ds" / "valid").rglob("*.png"))
     out = tmp_path / "pred.csv"
-    res = run_cli("predict", dest, img, "--out", out, "--device", "cpu")
-    assert res.returncode == 0, res.stderr
+    res = cli("predict", dest, runs["image"], "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, (res.output, res.exception)
     assert out.read_text().count("\n") == 2
     assert whole(runs, dest) == "old"
     assert not dest.with_name(f".{dest.name}.old").exists()  # the unfinished new folder waits for the next export

@@ -4,8 +4,8 @@ Planted leaks (one of each) must all be found and nothing else; a clean dataset 
 Images are smooth random pictures (8x8 noise upsampled), whose perceptual hashes are far apart, so the
 only near duplicates are the planted ones. Near duplicates are phash candidates confirmed by thumbnail
 correlation: to test the confirmation on different pictures whose phashes collide, the tests monkeypatch
-`cxr_fastai.audit._phash_int`. One tiny model (16 px, 1 epoch, 18 synthetic images) is
-trained for the module to check the warnings of train and evaluate.
+`cxr_fastai.data.audit._phash_int`. One tiny model (16 px, 1 epoch, 18 synthetic images, a narrow ResNet9)
+is trained for the module to check the warnings of train and evaluate.
 """
 from __future__ import annotations
 
@@ -18,18 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 import cxr_fastai.data.audit as audit_mod
+from conftest import TINY_WIDTHS, cli
 from cxr_fastai.data.audit import MIN_SIMILARITY, audit, near_duplicates, near_pairs
 from cxr_fastai.data.audit import cheap_checks
-from cxr_fastai.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def smooth(rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -49,23 +42,23 @@ def build(root: Path, leaks: bool, broken: bool = False, n: int = 3) -> Path:
                 rel = f"{split}/{c}/{c}{i}.png"
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(smooth(rng)).save(root / rel)
-                rows.append({"path": rel, "label": c, "split": split, "source": f"src{c}" if i else "other",
+                rows.append({"path": rel, "label": c, "split": split, "source": "srcY" if i % 2 else "srcX",
                              "patient_id": f"p-{split}-{c}{i}", "group": f"g-{split}-{c}{i}"})
     if leaks:
         shutil.copyfile(root / "train/A/A0.png", root / "test/A/copy.png")
-        rows.append({"path": "test/A/copy.png", "label": "A", "split": "test", "source": "srcA",
+        rows.append({"path": "test/A/copy.png", "label": "A", "split": "test", "source": "srcX",
                      "patient_id": "p-copy", "group": "g-copy"})
         near = np.asarray(Image.open(root / "train/B/B0.png"), dtype=np.int16) + 6   # a little brighter
         buf = io.BytesIO()
         Image.fromarray(np.clip(near, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
         (root / "test/B/near.jpg").write_bytes(buf.getvalue())
-        rows.append({"path": "test/B/near.jpg", "label": "B", "split": "test", "source": "srcB",
+        rows.append({"path": "test/B/near.jpg", "label": "B", "split": "test", "source": "srcX",
                      "patient_id": "p-near", "group": "g-near"})
         rows[3 * 2]["patient_id"] = rows[0]["patient_id"]     # valid/A/A0 shares train/A/A0's patient
         rows[2 * 6 + 1]["group"] = rows[1]["group"]           # test/A/A1 shares train/A/A1's group
     if broken:
         (root / "valid/B/broken.png").write_bytes(b"not a png")
-        rows.append({"path": "valid/B/broken.png", "label": "B", "split": "valid", "source": "srcB",
+        rows.append({"path": "valid/B/broken.png", "label": "B", "split": "valid", "source": "srcY",
                      "patient_id": "p-broken", "group": "g-broken"})
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -105,8 +98,9 @@ def test_planted_leaks_are_all_found(leaky):
     assert rep.groups.images_by_split == {"train": 1, "test": 1}
     assert rep.leakage and len(rep.leak_messages()) == 4
     assert rep.unreadable == []
-    # class by source: A is 2/3 srcA (all splits), B likewise; the threshold is 80%, so no warning
-    assert rep.class_by_source["all"]["A"] == {"srcA": 7, "other": 3}
+    # class by source: A is 7/10 srcX (all splits), B likewise; the threshold is 80%, so no warning; and each
+    # source holds both classes alike in train, so no source stands for a class either
+    assert rep.class_by_source["all"]["A"] == {"srcX": 7, "srcY": 3}
     assert rep.source_warnings == []
 
 
@@ -163,11 +157,11 @@ def test_two_different_noise_images_with_the_same_phash_are_not_a_leak(tmp_path,
 
 
 def test_each_image_is_decoded_once(leaky, monkeypatch):
-    import cxr_fastai.data.discover as data_mod
+    import cxr_fastai.io.images as images_mod
 
     calls: list[str] = []
-    real = data_mod.read_grey
-    monkeypatch.setattr(data_mod, "read_grey", lambda p: calls.append(str(p)) or real(p))
+    real = images_mod.read_grey
+    monkeypatch.setattr(images_mod, "read_grey", lambda p: calls.append(str(p)) or real(p))
     rep = audit(leaky, workers=1)
     assert len(calls) == len(set(calls)) == rep.n_images == 20
 
@@ -236,10 +230,15 @@ def test_unreadable_image_is_listed_not_fatal(tmp_path):
 
 def test_source_warning_when_a_class_comes_from_one_source(tmp_path):
     root = build(tmp_path / "ds", leaks=False)
-    text = (root / "labels.csv").read_text().replace(",other,", ",srcA,")
+    text = (root / "labels.csv").read_text().replace(",A,train,srcY,", ",A,train,srcX,")
+    text = text.replace(",A,valid,srcY,", ",A,valid,srcX,").replace(",A,test,srcY,", ",A,test,srcX,")
     (root / "labels.csv").write_text(text)
     rep = audit(root, workers=1)
-    assert len(rep.source_warnings) == 1 and rep.source_warnings[0].startswith("class A: 100% ")
+    by_class = [w for w in rep.source_warnings if w.startswith("class ")]
+    assert len(by_class) == 1 and by_class[0].startswith("class A: 100% "), rep.source_warnings
+    # and the other direction: srcX now stands for A (3 of 5 training images, against none of srcY's)
+    others = [w for w in rep.source_warnings if w not in by_class]
+    assert others and all(w.startswith(("source 'srcX'", "source 'srcY'")) for w in others), others
 
 
 def test_banded_search_equals_brute_force():
@@ -336,7 +335,8 @@ def trained(tmp_path_factory):
     with open(ds / "labels.csv", "a") as f:
         f.write("valid/NORMAL/copy.png,NORMAL,valid,synthetic,syn-copy,syn-copy\n")
     warned: list[str] = []
-    cfg = TrainConfig(data=str(ds), run=str(base / "run"), size=16, epochs=1, bs=4, device="cpu", workers=0)
+    cfg = TrainConfig(data=str(ds), run=str(base / "run"), size=16, epochs=1, bs=4, device="cpu", workers=0,
+                      widths=TINY_WIDTHS)
     train(cfg, warn=warned.append)
     art = export_run(base / "run", base / "art")
     return {"ds": ds, "art": art.folder, "manifest": art.manifest, "warned": warned, "src": src}

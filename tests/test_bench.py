@@ -1,20 +1,20 @@
 """`cxr-fastai bench` runs both paths on the same data and reports the figures the speed issue asks for."""
 import json
 
-from conftest import run_cli
+from conftest import cli
 
 
 def test_bench_json_reports_both_paths_their_ratio_and_predict_figures(tmp_path):
     from cxr_fastai.synth import make_synthetic_dataset
 
-    data = make_synthetic_dataset(tmp_path / "d", {"train": 40, "valid": 12, "test": 0}, size=48, seed=1)
-    r = run_cli("bench", data, "--device", "cpu", "--size", 32, "--epochs", 2, "--bs", 32, "--limit", 96, "--json")
-    assert r.returncode == 0, r.stderr
+    data = make_synthetic_dataset(tmp_path / "d", {"train": 24, "valid": 6, "test": 0}, size=32, seed=1)
+    r = cli("bench", data, "--device", "cpu", "--size", 16, "--epochs", 2, "--bs", 16, "--limit", 64, "--json")
+    assert r.exit_code == 0, (r.output, r.exception)
     res = json.loads(r.stdout)
     for key in ("plain_train_img_s", "fastai_train_img_s", "ratio", "predict_img_s", "device", "size",
                 "predict_cache_img_s", "raw_forward_img_s", "import_s", "peak_rss_mib"):
         assert key in res, key
-    assert res["device"] == "cpu" and res["size"] == 32 and res["n_train"] == 96 and res["epochs"] == 2
+    assert res["device"] == "cpu" and res["size"] == 16 and res["n_train"] == 64 and res["epochs"] == 2
     assert res["plain_train_img_s"] > 0 and res["fastai_train_img_s"] > 0 and res["predict_img_s"] > 0
     assert abs(res["ratio"] - res["fastai_train_img_s"] / res["plain_train_img_s"]) < 0.005
     # one accuracy per counted epoch, for each path; time-to-target is a number or null, never made up
@@ -26,5 +26,5 @@ def test_bench_json_reports_both_paths_their_ratio_and_predict_figures(tmp_path)
 
 
 def test_bench_on_a_missing_folder_is_one_clear_error(tmp_path):
-    r = run_cli("bench", tmp_path / "nope", "--device", "cpu")
-    assert r.returncode == 1 and "nope" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", tmp_path / "nope", "--device", "cpu")
+    assert r.exit_code == 1 and "nope" in r.stderr and "Traceback" not in r.output

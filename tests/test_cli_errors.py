@@ -4,8 +4,8 @@ Every user error: ONE line on stderr that starts with `error: `, names the offen
 says what to do; exit code 1; no traceback; nothing half-written at the --out / --run / --to path.
 Bad option values are usage errors (exit 2). `--debug` (before the command) shows the traceback instead.
 
-One tiny model (16 px, 1 epoch, 8 training images) is trained once for the module, for the cases that
-need a real run folder or artifact.
+The cases that need a real run folder or artifact use the session's tiny model (conftest.tiny_model).
+Everything runs in-process (CliRunner) but for the few `real process` checks at the end.
 """
 from __future__ import annotations
 
@@ -18,18 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import noise_image, run_cli, write_image
-from cxr_fastai.cli import app
+from conftest import cli, noise_image, run_cli, write_image
 from cxr_fastai.errors import DataError
 
-runner = CliRunner()
 COMMANDS = ("train", "interpret", "export", "predict", "evaluate", "demo")
-
-
-def cli(*args) -> "object":
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def _names(line: str, path: Path | str) -> bool:
@@ -81,18 +74,12 @@ def tiny_dataset(root: Path, classes=("A", "B"), n=4, splits=("train", "valid", 
     return root
 
 
-# ------------------------------------------------------------------------------- a real run, once
+# --------------------------------------------------------------- a real run: the session's tiny model
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cli_errors")
-    ds = tiny_dataset(base / "ds")
-    run, art = base / "run", base / "art"
-    res = cli("train", ds, "--run", run, "--size", 16, "--epochs", 1, "--bs", 4, "--device", "cpu", "-q")
-    assert res.exit_code == 0, (res.output, res.exception)
-    res = cli("export", run, "--to", art)
-    assert res.exit_code == 0, (res.output, res.exception)
-    return {"ds": ds, "run": run, "art": art, "classes": ["A", "B"]}
+@pytest.fixture
+def trained(tiny_model):
+    return {"ds": tiny_model.data, "run": tiny_model.run, "art": tiny_model.art, "classes": list(tiny_model.classes),
+            "images": tiny_model.test_images()}
 
 
 def copy_artifact(art: Path, dest: Path) -> Path:
@@ -378,7 +365,7 @@ def test_predict_refuses_a_file_that_is_not_safetensors(tmp_path, trained):
 
 def test_predict_input_path_missing(tmp_path, trained):
     missing = tmp_path / "scans" / "nope.png"
-    _predict_error(tmp_path, trained["art"], [trained["ds"] / "test" / "A" / "A_0.png", missing], missing,
+    _predict_error(tmp_path, trained["art"], [trained["images"][0], missing], missing,
                    hints=("no such file or folder",))
 
 
@@ -411,7 +398,7 @@ def test_predict_out_that_is_a_folder(tmp_path, trained):
 def test_predict_one_unreadable_image_among_readable_ones(tmp_path, trained):
     bad = unreadable(tmp_path / "in")[1]                    # garbage.png
     (tmp_path / "in" / "empty.jpg").unlink()
-    good = [trained["ds"] / "test" / "A" / "A_0.png", trained["ds"] / "test" / "B" / "B_1.png"]
+    good = [trained["images"][0], trained["images"][-1]]
     out = tmp_path / "pred.csv"
     res = cli("predict", trained["art"], good[0], bad, good[1], "--out", out)
     assert res.exit_code == 0, (res.output, res.exception)
@@ -433,16 +420,17 @@ def test_predict_one_unreadable_image_among_readable_ones(tmp_path, trained):
 
 def test_predict_json_has_the_same_keys_as_the_csv_columns(tmp_path, trained):
     bad = unreadable(tmp_path / "in")[1]
-    good = trained["ds"] / "test" / "B" / "B_0.png"
+    good = trained["images"][1]
     res_csv = cli("predict", trained["art"], good, bad)
     res_json = cli("predict", trained["art"], good, bad, "--format", "json")
     assert res_csv.exit_code == 0 and res_json.exit_code == 0, (res_csv.output, res_json.output)
     header = next(csv.reader(io.StringIO(res_csv.stdout)))
     rows = json.loads(res_json.stdout)
-    assert header == ["path", "prediction", "p_A", "p_B", "error"]
+    probs = [f"p_{c}" for c in trained["classes"]]
+    assert header == ["path", "prediction", *probs, "error"]
     assert [list(r) for r in rows] == [header, header]
-    assert rows[1]["prediction"] is None and rows[1]["p_A"] is None and rows[1]["error"]
-    assert rows[0]["p_A"] + rows[0]["p_B"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[1]["prediction"] is None and all(rows[1][p] is None for p in probs) and rows[1]["error"]
+    assert sum(rows[0][p] for p in probs) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_predict_bad_format_is_a_usage_error(tmp_path, trained):
@@ -453,10 +441,10 @@ def test_predict_bad_format_is_a_usage_error(tmp_path, trained):
 
 def test_evaluate_label_the_model_does_not_know(tmp_path, trained):
     data, out = tmp_path / "eval", tmp_path / "metrics.json"
-    write_image(data / "A" / "a.png", 90)
-    write_image(data / "COVID19" / "c.png", 160)
+    write_image(data / "NORMAL" / "a.png", 90)
+    write_image(data / "ZEBRA" / "c.png", 160)
     one_line_error(cli("evaluate", trained["art"], data, "--out", out), data,
-                   hints=("'COVID19'", "not a class of this model"))
+                   hints=("'ZEBRA'", "not a class of this model"))
     no_leftovers(out)
 
 
@@ -464,18 +452,22 @@ def test_evaluate_split_missing_from_the_layout_lists_present_splits(tmp_path, t
     data, out = tmp_path / "eval", tmp_path / "metrics.json"
     write_image(data / "a.png", 90)
     write_image(data / "b.png", 160)
-    (data / "labels.csv").write_text("path,label,split\na.png,A,train\nb.png,B,test\n")
+    (data / "labels.csv").write_text("path,label,split\na.png,NORMAL,train\nb.png,PNEUMONIA,test\n")
     line = one_line_error(cli("evaluate", trained["art"], data, "--split", "valid", "--out", out), data,
                           hints=("'valid'", "--split"))
     assert "splits present: test, train" in line
     no_leftovers(out)
 
 
-def test_evaluate_bogus_split_is_a_usage_error(tmp_path, trained):
+def test_evaluate_malformed_split_is_a_usage_error_and_an_absent_one_lists_the_splits(tmp_path, trained):
     out = tmp_path / "metrics.json"
-    res = cli("evaluate", trained["art"], trained["ds"], "--split", "bogus", "--out", out)
+    res = cli("evaluate", trained["art"], trained["ds"], "--split", "no such/split", "--out", out)
     usage_error(res, "--split")
     assert "train, valid, test" in res.stderr
+    no_leftovers(out)
+    line = one_line_error(cli("evaluate", trained["art"], trained["ds"], "--split", "bogus", "--out", out),
+                          trained["ds"], hints=("'bogus'", "--split"))
+    assert "splits present: test, train, valid" in line
     no_leftovers(out)
 
 

@@ -373,10 +373,11 @@ def test_labels_csv_path_escaping_the_root_is_refused(tmp_path, bad):
 
 
 def test_labels_csv_unknown_split_value_is_refused_naming_it(tmp_path):
+    # a name of one's own (letters, digits, '-', '_') is a split for evaluate; anything else is refused
     root = csv_dataset(tmp_path / "ds", [dict(path="a.png", label="A", split="train"),
-                                         dict(path="b.png", label="B", split="holdout")])
+                                         dict(path="b.png", label="B", split="hold out?")])
     e = raises_naming(root / "labels.csv", discover, root)
-    assert "holdout" in str(e)
+    assert "hold out?" in str(e) and "line 3" in str(e)
 
 
 def test_labels_csv_partly_empty_split_column_is_refused(tmp_path):
@@ -434,7 +435,8 @@ def test_scan_stats_come_from_training_images_only(tmp_path, workers):
     assert stats.mean == pytest.approx(mean, abs=1e-9) and stats.std == pytest.approx(std, abs=1e-9)
     everything, _ = hand_stats(ds.items.path, 16)
     assert everything > mean + 0.05  # the white validation images would have raised it
-    assert isinstance(stats, PixelStats) and stats.to_dict() == {"mean": stats.mean, "std": stats.std}
+    assert isinstance(stats, PixelStats) and stats.to_dict() == {"mean": stats.mean, "std": stats.std, "side": stats.side}
+    assert stats.side == 27.0  # the median longer side of the training images (16, 24, 40, 30 px, twice)
 
 
 def test_scan_stats_limit_uses_a_seeded_sample_of_training_images(tmp_path):

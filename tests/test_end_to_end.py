@@ -1,7 +1,12 @@
-"""The whole product path on a small slice of real cxr3 images, through the CLI, in fresh processes."""
+"""The whole product path on a small slice of real cxr3 images, through the CLI.
+
+Commands run in-process (CliRunner); a narrow ResNet9 (the CLI has no option for the widths) keeps every
+forward pass cheap. One check runs `predict` in a fresh process: the artifact exported here must give the
+same numbers there."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +16,26 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from conftest import run_cli
+from conftest import TINY_WIDTHS, cli, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+TRAIN_ARGS = ("--size", 32, "--epochs", 2, "--bs", 32, "--quiet")
+
+
+def ok(res):
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    """`train` builds a narrow ResNet9 (every later command reads the widths from the run or artifact)."""
+    from cxr_fastai import cli as cli_module
+    from cxr_fastai.config import TrainConfig
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli_module, "TrainConfig", functools.partial(TrainConfig, widths=TINY_WIDTHS))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +54,9 @@ def data(cxr3_slice, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory) -> Path:
+def run(data, narrow, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "r1"
-    r = run_cli("train", data, "--run", run, "--size", 32, "--epochs", 2, "--bs", 32, "--quiet")
-    assert r.returncode == 0, r.stderr
+    r = ok(cli("train", data, "--run", run, *TRAIN_ARGS))
     assert "unreadable" in r.stderr and "truncated.jpg" in r.stderr
     return run
 
@@ -43,9 +64,16 @@ def run(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def artifact(run, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("export") / "m"
-    r = run_cli("export", run, "--to", dest)
-    assert r.returncode == 0, r.stderr
+    ok(cli("export", run, "--to", dest))
     return dest
+
+
+def predict_rows(*args) -> list[dict]:
+    return _read_csv(ok(cli("predict", *args)).stdout)
+
+
+def probs(rows: list[dict]) -> np.ndarray:
+    return np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in rows])
 
 
 def test_train_writes_a_complete_run_folder(run, data):
@@ -65,10 +93,9 @@ def test_train_writes_a_complete_run_folder(run, data):
     assert set(items.split) == {"train", "valid"}  # the test split is never trained or validated on
 
 
-def test_same_seed_gives_the_same_numbers_on_cpu(run, data, tmp_path):
+def test_same_seed_gives_the_same_numbers_on_cpu(run, data, narrow, tmp_path):
     again = tmp_path / "again"
-    r = run_cli("train", data, "--run", again, "--size", 32, "--epochs", 2, "--bs", 32, "--quiet")
-    assert r.returncode == 0, r.stderr
+    ok(cli("train", data, "--run", again, *TRAIN_ARGS))
     a = pd.read_csv(run / "history.csv").drop(columns="seconds")
     b = pd.read_csv(again / "history.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b)
@@ -76,8 +103,7 @@ def test_same_seed_gives_the_same_numbers_on_cpu(run, data, tmp_path):
 
 def test_interpret_writes_top_losses_and_confusion_reports(run, tmp_path):
     out = tmp_path / "report"
-    r = run_cli("interpret", run, "--k", 6, "--out", out)
-    assert r.returncode == 0, r.stderr
+    ok(cli("interpret", run, "--k", 6, "--out", out))
     top = pd.read_csv(out / "top_losses.csv")
     assert list(top.columns) == ["path", "actual", "predicted", "probability", "loss"] and len(top) == 6
     assert top.loss.is_monotonic_decreasing
@@ -96,10 +122,15 @@ def test_export_folder_holds_pickle_weights_and_a_checked_manifest(artifact, run
     assert m["architecture"]["name"] == "ResNet9" and m["format_version"] == 1
     for f in ("model.pkl", "model.safetensors"):
         assert m["files"][f]["sha256"] == sha256_file(artifact / f)
-    assert m["normalization"] == json.loads((run / "run.json").read_text())["stats"]
+    meta = json.loads((run / "run.json").read_text())
+    assert m["normalization"] == {k: meta["stats"][k] for k in ("mean", "std")}
+    assert m["input"]["cache_side"] == meta["cache_side"] == 64  # 128 px JPEGs, 2 x the 32 px input
     assert {"fastai", "torch"} <= set(m["versions"]) and m["training"]["epochs"] == 2
-    # nothing but the model in the pickle: about the weights' size, not the data's
-    assert (artifact / "model.pkl").stat().st_size < 1.2 * (artifact / "model.safetensors").stat().st_size
+    assert m["architecture"]["widths"] == list(TINY_WIDTHS)
+    # nothing but the model in the pickle: its weights and fastai's few kB of objects, not the images (the
+    # training cache alone is 180 x 64 x 64 bytes, 737 kB)
+    extra = (artifact / "model.pkl").stat().st_size - (artifact / "model.safetensors").stat().st_size
+    assert extra < 100_000, extra
 
 
 def _read_csv(text: str) -> list[dict]:
@@ -107,56 +138,56 @@ def _read_csv(text: str) -> list[dict]:
 
 
 def test_predict_in_a_fresh_process_safetensors_and_pickle_paths_agree(artifact, data):
+    """The artifact exported in this process: a fresh `python -m cxr_fastai` unpickles model.pkl (every
+    class it names must import by name) and gives the numbers the safetensors weights give here."""
     test_dir = data / "test"
-    safe = run_cli("predict", artifact, test_dir)
-    pick = run_cli("predict", artifact, test_dir, "--trust-pickle")
-    assert safe.returncode == 0 and pick.returncode == 0, safe.stderr + pick.stderr
-    assert "pickle" in pick.stderr.lower()
-    a, b = _read_csv(safe.stdout), _read_csv(pick.stdout)
-    assert len(a) == len(b) >= 200
+    a = predict_rows(artifact, test_dir)
+    fresh = run_cli("predict", artifact, test_dir, "--trust-pickle")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "pickle" in fresh.stderr.lower() and "Traceback" not in fresh.stderr
+    b = _read_csv(fresh.stdout)
+    here = predict_rows(artifact, test_dir, "--trust-pickle")
+    assert len(a) == len(b) == len(here) >= 200
     assert list(a[0].keys()) == ["path", "prediction", "p_COVID19", "p_NORMAL", "p_PNEUMONIA", "error"]
-    pa = np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in a])
-    pb = np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in b])
-    assert [r["path"] for r in a] == [r["path"] for r in b]
+    pa, pb = probs(a), probs(b)
+    assert [r["path"] for r in a] == [r["path"] for r in b] == [r["path"] for r in here]
     assert np.abs(pa - pb).max() <= 1e-4
+    assert np.abs(probs(here) - pb).max() <= 1e-6  # this process and a fresh one: the same pickle, the same numbers
     np.testing.assert_allclose(pa.sum(1), 1, atol=1e-5)
 
 
 def test_predict_with_tta_averages_crops_and_mostly_agrees_with_plain_predict(artifact, data):
     test_dir = data / "test"
-    plain = run_cli("predict", artifact, test_dir)
-    tta = run_cli("predict", artifact, test_dir, "--tta")
-    assert plain.returncode == 0 and tta.returncode == 0, plain.stderr + tta.stderr
-    a, b = _read_csv(plain.stdout), _read_csv(tta.stdout)
+    a, b = predict_rows(artifact, test_dir), predict_rows(artifact, test_dir, "--tta")
     assert [r["path"] for r in a] == [r["path"] for r in b]
-    pa = np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in a])
-    pb = np.array([[float(r[f"p_{c}"]) for c in ("COVID19", "NORMAL", "PNEUMONIA")] for r in b])
+    pa, pb = probs(a), probs(b)
     np.testing.assert_allclose(pb.sum(1), 1, atol=1e-5)
     assert np.abs(pa - pb).max() > 1e-3          # the crops change the probabilities
     # and they are the mean of the six views' softmax, each view scored on its own
     import torch
 
     from cxr_fastai.artifact.export import read_manifest
-    from cxr_fastai.data.augment import TTA_SOURCE, tta_views
-    from cxr_fastai.io.images import read_grey
     from cxr_fastai.artifact.predict import Predictor
+    from cxr_fastai.data.augment import tta_views
+    from cxr_fastai.io.images import read_grey
 
-    plain_pred = Predictor(read_manifest(artifact), "cpu")
+    art = read_manifest(artifact)
+    assert art.cache_side == 64  # TTA cuts its crops from the side training cut them from
+    plain_pred = Predictor(art, "cpu")
     arrays = [read_grey(r["path"]) for r in a[:16]]
     with torch.inference_mode():
-        views = tta_views(plain_pred.preprocess(arrays), plain_pred.preprocess(arrays, TTA_SOURCE * plain_pred.size))
+        views = tta_views(plain_pred.preprocess(arrays), plain_pred.preprocess(arrays, art.cache_side))
         assert torch.equal(views[0], plain_pred.preprocess(arrays))  # the first view is plain predict's input
         want = torch.stack([torch.softmax(plain_pred.model(v), 1) for v in views]).mean(0).numpy()
     np.testing.assert_allclose(Predictor(read_manifest(artifact), "cpu", tta=True).probs(arrays), want, atol=1e-5)
     np.testing.assert_allclose(pb[:16], want, atol=2e-6)  # the CLI writes 6 decimals
-    both = run_cli("predict", artifact, test_dir, "--tta", "--trust-pickle")
-    assert both.returncode == 1 and "--tta" in both.stderr and "Traceback" not in both.stderr
+    both = cli("predict", artifact, test_dir, "--tta", "--trust-pickle")
+    assert both.exit_code == 1 and "--tta" in both.stderr and "Traceback" not in both.output
 
 
 def test_predict_json_and_out_file(artifact, data, tmp_path):
     out = tmp_path / "p.json"
-    r = run_cli("predict", artifact, data / "test" / "NORMAL", "--format", "json", "--out", out)
-    assert r.returncode == 0, r.stderr
+    ok(cli("predict", artifact, data / "test" / "NORMAL", "--format", "json", "--out", out))
     rows = json.loads(out.read_text())
     assert len(rows) == 70 and set(rows[0]) == {"path", "prediction", "p_COVID19", "p_NORMAL", "p_PNEUMONIA", "error"}
 
@@ -165,9 +196,7 @@ def test_unreadable_image_among_readable_ones_is_listed_not_fatal(artifact, data
     folder = tmp_path / "imgs"
     shutil.copytree(data / "test" / "COVID19", folder)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    r = run_cli("predict", artifact, folder)
-    assert r.returncode == 0, r.stderr
-    rows = _read_csv(r.stdout)
+    rows = predict_rows(artifact, folder)
     broken = [x for x in rows if x["path"].endswith("broken.jpg")]
     assert len(rows) == 71 and len(broken) == 1
     assert broken[0]["prediction"] == "" and broken[0]["p_NORMAL"] == "" and "broken.jpg" in broken[0]["error"]
@@ -176,11 +205,9 @@ def test_unreadable_image_among_readable_ones_is_listed_not_fatal(artifact, data
 
 def test_evaluate_numbers_equal_scikit_learn_on_the_same_predictions(artifact, data, tmp_path):
     out = tmp_path / "metrics.json"
-    r = run_cli("evaluate", artifact, data, "--split", "test", "--out", out)
-    assert r.returncode == 0, r.stderr
+    ok(cli("evaluate", artifact, data, "--split", "test", "--out", out))
     m = json.loads(out.read_text())
-    p = run_cli("predict", artifact, data / "test")
-    rows = _read_csv(p.stdout)
+    rows = predict_rows(artifact, data / "test")
     classes = m["classes"]
     labels = pd.read_csv(data / "labels.csv", dtype=str)
     actual = {str((data / q).resolve()): lab for q, lab in zip(labels.path, labels.label)}

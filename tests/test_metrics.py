@@ -19,7 +19,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cxr_fastai.evaluate.metrics import Metrics, compute_metrics, source_warnings
+from cxr_fastai.metrics import Metrics, compute_metrics, source_warnings
 
 TOL = 1e-12
 

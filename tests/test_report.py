@@ -13,21 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> Path:
-    from cxr_fastai.synth import make_synthetic_dataset
-
-    tmp = tmp_path_factory.mktemp("report")
-    data = make_synthetic_dataset(tmp / "d", {"train": 16, "valid": 8, "test": 0}, size=32)
-    run = tmp / "run"
-    r = run_cli("train", data, "--run", run, "--size", 16, "--epochs", 1, "--bs", 16, "--quiet")
-    assert r.returncode == 0, r.stderr
-    r = run_cli("interpret", run, "--k", 4, "--out", tmp / "rep")
-    assert r.returncode == 0, r.stderr
-    return tmp / "rep"
+def report(tiny_model, tmp_path_factory) -> Path:
+    """`interpret` (in-process) on the session's tiny run: its 12 validation images, top 4 losses."""
+    out = tmp_path_factory.mktemp("report") / "rep"
+    r = cli("interpret", tiny_model.run, "--k", 4, "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert str(out) in r.stdout
+    return out
 
 
 def test_report_folder_holds_figures_tables_and_metrics_with_intervals(report):

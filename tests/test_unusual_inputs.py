@@ -4,8 +4,9 @@ Unusual pixel formats (16-bit, alpha, palette, CMYK, EXIF rotation, 1x1, very wi
 (spaces, unicode, a leading dash, bytes that are not UTF-8), one bad file among many, and batch/worker
 settings that must not change the numbers.
 
-One tiny model (16 px, 1 epoch) is trained once for the module, on a labels.csv dataset whose file names
-hold spaces and unicode: that training run is itself one of the checks.
+One tiny model (16 px, 1 epoch, a narrow ResNet9) is trained once for the module, on a labels.csv dataset
+whose file names hold spaces and unicode: that training run is itself one of the checks. Every command runs
+in-process (CliRunner, whose stdout is strict UTF-8 like a real one under a UTF-8 locale).
 """
 from __future__ import annotations
 
@@ -20,11 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from conftest import noise_image, run_cli, write_image
+from conftest import TINY_WIDTHS, cli, noise_image, write_image
 from cxr_fastai import cli as cli_module
-from cxr_fastai.cli import app
 from cxr_fastai.config import TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -33,15 +32,8 @@ CLASSES = ["A", "B"]
 PROBS = [f"p_{c}" for c in CLASSES]
 COLUMNS = ["path", "prediction", *PROBS, "error"]
 UNICODE_NAME = "çöß 画像.png"
-NARROW = (8, 16, 32, 64)                    # ResNet9 widths of the module's one tiny model
+NARROW = TINY_WIDTHS                        # ResNet9 widths of the module's one tiny model
 BAD_BYTES_NAME = b"bad\xff name.png"        # not valid UTF-8: Python sees it as 'bad\udcff name.png'
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
 
 def ok(res) -> None:
     """A CliRunner result that succeeded without any `error:` line."""
@@ -139,12 +131,11 @@ def _unusual_images(folder: Path) -> list[str]:
 def test_unusual_but_valid_images_are_predicted_not_rejected_by_safetensors_and_pickle_paths(tmp_path, trained):
     folder = tmp_path / "unusual"
     names = _unusual_images(folder)
-    safe = run_cli("predict", trained["art"], folder, "--device", "cpu", timeout=300)
-    pick = run_cli("predict", trained["art"], folder, "--device", "cpu", "--trust-pickle", timeout=300)
+    safe = cli("predict", trained["art"], folder, "--device", "cpu")
+    pick = cli("predict", trained["art"], folder, "--device", "cpu", "--trust-pickle")
     for r in (safe, pick):
-        assert r.returncode == 0, r.stderr
-        assert "Traceback" not in r.stderr and "error:" not in r.stderr, r.stderr
-        assert "unreadable" not in r.stderr, r.stderr
+        ok(r)
+        assert "Traceback" not in r.output and "unreadable" not in r.stderr, r.stderr
     a, b = csv_rows(safe.stdout), csv_rows(pick.stdout)
     assert sorted(Path(r["path"]).name for r in a) == names
     assert [r["path"] for r in a] == [r["path"] for r in b]
@@ -177,13 +168,12 @@ def _check_odd_rows(rows: list[dict], folder: Path, bad_shown_as: str) -> None:
     assert all(r["path"].startswith(str(folder)) for r in rows)
 
 
-def test_odd_file_names_predict_to_stdout_as_csv_and_json(odd_names, trained, monkeypatch):
-    # a normal UTF-8 locale (not C/POSIX) gives Python a *strict* UTF-8 stdout: reproduce that in a real
-    # process (CliRunner's captured stdout is strict UTF-8 as well)
-    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
-    r_csv = run_cli("predict", trained["art"], odd_names, "--device", "cpu", timeout=300)
-    assert r_csv.returncode == 0, r_csv.stderr
-    assert "Traceback" not in r_csv.stderr and "error:" not in r_csv.stderr, r_csv.stderr
+def test_odd_file_names_predict_to_stdout_as_csv_and_json(odd_names, trained):
+    # a normal UTF-8 locale (not C/POSIX) gives Python a *strict* UTF-8 stdout; CliRunner's captured stdout
+    # is strict UTF-8 as well
+    r_csv = cli("predict", trained["art"], odd_names, "--device", "cpu")
+    ok(r_csv)
+    assert "Traceback" not in r_csv.output
     # the name that is not UTF-8 is shown backslash-escaped, so stdout stays valid UTF-8
     _check_odd_rows(csv_rows(r_csv.stdout), odd_names, "bad\\xff name.png")
 
