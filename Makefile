@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/cxr-fastai demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow"
