@@ -95,6 +95,7 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
 
     cfg = info.cfg
     meta = info.meta
+    by_source = meta.get("best_by_source") or {}
     train_sha, train_missing = training_hashes(info)
     return {
         "format_version": FORMAT_VERSION,
@@ -120,8 +121,7 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
             "known_confounds": "Classes that come from different sources (hospitals, age groups) let a model "
                                "learn the source instead of the disease; check per-source metrics.",
             "validation_by_source": meta.get("best_by_source"),
-            "source_warnings": source_gaps((meta.get("best_by_source") or {}).get("per_source"),
-                                           (meta.get("best_by_source") or {}).get("balanced_accuracy", 0.0),
+            "source_warnings": source_gaps(by_source.get("per_source"), by_source.get("balanced_accuracy", 0.0),
                                            EvalConfig.source_gap),
         },
     }

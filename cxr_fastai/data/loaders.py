@@ -61,7 +61,6 @@ class ImageCache:
     y_train: "torch.Tensor"   # (N,) int64
     x_valid: "torch.Tensor"   # (M, 1, S, S) uint8, squashed exactly like the DataBlock's validation
     y_valid: "torch.Tensor"
-    valid_items: pd.DataFrame
     key: str = ""
 
     @property
@@ -84,12 +83,12 @@ def build_cache(items: pd.DataFrame, classes: Sequence[str], size: int, side: in
         f = Path(cache_dir) / f"cache-{key}.pt"
         if f.is_file():
             d = torch.load(f, map_location="cpu", weights_only=True)
-            return ImageCache(d["x_train"], d["y_train"], d["x_valid"], d["y_valid"], va, key)
+            return ImageCache(d["x_train"], d["y_train"], d["x_valid"], d["y_valid"], key)
     x_train = decode_to_tensor(tr.path.tolist(), side, workers, contrast)
     x_valid = decode_to_tensor(va.path.tolist(), size, workers, contrast)
     y_train = torch.tensor([cls_index[c] for c in tr.label], dtype=torch.long)
     y_valid = torch.tensor([cls_index[c] for c in va.label], dtype=torch.long)
-    cache = ImageCache(x_train, y_train, x_valid, y_valid, va, key)
+    cache = ImageCache(x_train, y_train, x_valid, y_valid, key)
     if cache_dir is not None:
         from ..io.files import atomic_save_path
 
