@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "valid", "test")
-BALANCE = ("none", "class", "class-source")
+BALANCE = ("none", "class", "class-source", "class-then-source")
 AUGMENT = ("none", "light")
 CONTRAST = ("none", "equalize")
 
@@ -44,8 +44,9 @@ class TrainConfig:
     exclude_sources: tuple[str, ...] = ()  # leave these `source` values (labels.csv) out of train and valid
     compile: bool = False          # torch.compile the model (exports still hold the plain module)
     opt: str = "adamw"             # adamw: torch AdamW, foreach (CPU) / fused (CUDA) | fastai: fastai's Adam (per-param loop)
-    balance: str = "none"          # none | class | class-source: draw training images so that every class (or every
-                                   # class x source stratum) is seen equally often per epoch (cached path)
+    balance: str = "none"          # none | class | class-source | class-then-source: draw training images so that every
+                                   # class (or every class x source stratum, or every class and within it every
+                                   # source) is seen equally often per epoch (cached path)
     augment: str = "none"          # none | light: per-image brightness, contrast (+-20%), rotation (+-5 deg) and
                                    # zoom (up to 1.1x) on the batch, fastai's batch transforms (cached path)
     contrast: str = "none"         # none | equalize: per-image histogram equalisation at read time, applied by

@@ -99,6 +99,14 @@ def test_class_source_balance_draws_every_stratum_equally_often():
     assert np.allclose(strata.to_numpy(), 0.25)
     w = sampling_weights(train, "class")
     assert np.allclose(train.assign(w=w).groupby("label").w.sum().to_numpy(), 0.5)
+    w = sampling_weights(train, "class-then-source")
+    assert np.allclose(train.assign(w=w).groupby(["label", "source"]).w.sum().to_numpy(), 0.25)
+    single = pd.DataFrame({"label": ["C"] * 40 + ["P"] * 30 + ["P"] * 30, "source": ["db"] * 40 + ["a"] * 30 + ["b"] * 30})
+    w = sampling_weights(single, "class-then-source")
+    assert np.allclose(single.assign(w=w).groupby("label").w.sum().to_numpy(), 0.5)
+    assert np.allclose(single.assign(w=w).groupby("source").w.sum().to_numpy(), [0.25, 0.25, 0.5])
+    w = sampling_weights(single, "class-source")
+    assert np.allclose(single.assign(w=w).groupby("label").w.sum().to_numpy(), [1 / 3, 2 / 3])
     assert sampling_weights(train, "none") is None
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pandas as pd
 
-from ..config import TrainConfig
+from ..config import BALANCE, TrainConfig
 from ..errors import DataError
 from ..io.files import content_key
 from ..io.images import apply_contrast, decode_many, squash
@@ -155,14 +155,17 @@ def augmentations(kind: str) -> list:
 def sampling_weights(train: pd.DataFrame, balance: str):
     """Per-image draw probabilities for the training loader (None: every image once per epoch, shuffled).
     "class": every class drawn equally often; "class-source": every (class, source) stratum equally often,
-    so that e.g. 197 adult pneumonias from one hospital are not drowned by 2,882 pediatric ones."""
+    so that e.g. 197 adult pneumonias from one hospital are not drowned by 2,882 pediatric ones;
+    "class-then-source": every class equally often and, within a class, every source equally often (a class
+    held by one source, such as COVID19, keeps its third of the draws)."""
     if balance == "none":
         return None
-    keys = {"class": ["label"], "class-source": ["label", "source"]}.get(balance)
-    if keys is None:
-        raise ValueError(f"unknown balance {balance!r}; use none, class or class-source")
-    size = train.groupby(keys)[keys[0]].transform("size").to_numpy(dtype=np.float64)
-    w = 1.0 / size
+    if balance not in BALANCE:
+        raise ValueError(f"unknown balance {balance!r}; use one of {', '.join(BALANCE)}")
+    keys = ["label"] if balance == "class" else ["label", "source"]
+    w = 1.0 / train.groupby(keys)["label"].transform("size").to_numpy(dtype=np.float64)
+    if balance == "class-then-source":
+        w /= train.groupby("label")["source"].transform("nunique").to_numpy(dtype=np.float64)
     return w / w.sum()
 
 
