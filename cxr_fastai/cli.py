@@ -53,6 +53,15 @@ class Format(str, Enum):
     json = "json"
 
 
+class Runtime(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+RUNTIME_HELP = ("torch: model.safetensors in PyTorch (CPU or CUDA; --tta, --trust-pickle); onnx: model.onnx in "
+                "onnxruntime on the CPU, without loading torch or fastai (same output; no --tta or --trust-pickle).")
+
+
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so that `finally` blocks and checkpoints run."""
 
@@ -251,7 +260,7 @@ def export_cmd(
     to: Optional[Path] = typer.Option(None, "--to", help="Artifact folder (default export/RUN_NAME)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
 ):
-    """Write model.pkl (fastai learn.export), model.safetensors and manifest.json into one folder, atomically."""
+    """Write model.pkl (fastai learn.export), model.safetensors, model.onnx and manifest.json into one folder, atomically."""
     from .artifact.export import export_run
 
     with _errors():
@@ -270,14 +279,16 @@ def predict(
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the whole image and five fixed crops (6x the compute)."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help=RUNTIME_HELP),
 ):
     """Class probabilities for images; unreadable files get an `error` entry instead of failing the run."""
     from .artifact.predict import predict_paths, write_predictions
 
-    cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle, tta=tta)
+    cfg = PredictConfig(bs=bs, workers=workers, device=device.value, trust_pickle=trust_pickle, tta=tta,
+                        runtime=runtime.value)
     with _errors():
         _out_file(out, "--out", f"predictions.{fmt.value}")
-        if trust_pickle:
+        if trust_pickle and runtime is Runtime.torch:
             _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
                   "use it only for artifacts you made or trust")
         res = predict_paths(artifact, inputs, cfg)
@@ -299,6 +310,7 @@ def evaluate(
     source: List[str] = typer.Option([], "--source", help="Only images of this labels.csv source (repeatable)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the whole image and five fixed crops (6x the compute)."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help=RUNTIME_HELP),
 ):
     """Accuracy, balanced accuracy, confusion matrix and per-class sensitivity/specificity/PPV/NPV/F1."""
     import json
@@ -315,7 +327,8 @@ def evaluate(
                                  param_hint="--split")
     with _errors():
         _out_file(out, "--out", "metrics.json")
-        res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value, tta=tta),
+        res = evaluate_data(artifact, data, split=split, cfg=PredictConfig(bs=bs, workers=workers, device=device.value, tta=tta,
+                                                                                     runtime=runtime.value),
                             warn=_warn, sources=tuple(source))
         if out is not None:
             write_metrics(res, out)

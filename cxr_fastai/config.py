@@ -11,6 +11,7 @@ SPLITS = ("train", "valid", "test")
 BALANCE = ("none", "class", "class-source", "class-then-source")
 AUGMENT = ("none", "light")
 CONTRAST = ("none", "equalize")
+RUNTIMES = ("torch", "onnx")    # predict/evaluate: the safetensors weights in PyTorch | model.onnx in onnxruntime
 
 # fastai's Adam defaults, used whichever optimizer class runs them (train, and the bench's plain loop)
 ADAM = {"mom": 0.9, "sqr_mom": 0.99, "eps": 1e-5}
@@ -88,6 +89,7 @@ class PredictConfig:
     device: str = "auto"
     trust_pickle: bool = False     # load model.pkl with fastai (can execute code) instead of safetensors
     tta: bool = False              # average the whole image and five fixed crops (6 forward passes)
+    runtime: str = "torch"         # torch: safetensors weights in PyTorch | onnx: model.onnx in onnxruntime (CPU, no torch import)
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def whole(runs, dest: Path) -> str:
     from cxr_fastai.artifact.export import load_model, read_manifest, verify_file
 
     art = read_manifest(dest)                     # readers recover an interrupted swap
-    assert sorted(p.name for p in dest.iterdir()) == sorted([MANIFEST, WEIGHTS, PICKLE])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([MANIFEST, WEIGHTS, PICKLE, "model.onnx"])
     for name in (WEIGHTS, PICKLE):
         verify_file(art, name)                    # manifest hashes match the files
     load_model(art)

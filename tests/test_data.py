@@ -135,8 +135,8 @@ def test_split_folders_a_class_with_one_image_still_trains(make_folder_dataset):
 def test_non_image_files_and_hidden_files_are_ignored(make_folder_dataset):
     root = make_folder_dataset(classes=("A", "B"), n=3, splits=None)
     (root / "A" / "notes.txt").write_text("hello")
-    (root / "A" / "scan.dcm").write_bytes(b"\0" * 10)
     (root / "A" / "Thumbs.db").write_bytes(b"\0")
+    (root / "A" / "photo.heic").write_bytes(b"\0" * 10)
     write_image(root / "A" / ".hidden.png", 3)
     (root / "README.md").write_text("top-level file, not a class")
     (root / ".cache").mkdir()

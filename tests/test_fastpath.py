@@ -13,7 +13,6 @@ from cxr_fastai.config import TrainConfig
 from cxr_fastai.data.augment import TTA_SCALE, random_resized_crop, tta_views
 from cxr_fastai.data.discover import check_trainable, discover, scan
 from cxr_fastai.data.loaders import build_cache, build_cached_dls, build_dls, cache_side_for
-from cxr_fastai.io.images import read_grey, squash
 
 
 @pytest.fixture(scope="module")

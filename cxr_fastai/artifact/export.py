@@ -1,4 +1,4 @@
-"""Write and read artifacts: fastai pickle, safetensors weights and manifest.json, in one folder.
+"""Write and read artifacts: fastai pickle, safetensors weights, model.onnx and manifest.json, in one folder.
 
 Reading never unpickles: weights come from safetensors, checked against the manifest's SHA-256 first
 (that detects corruption and accidental edits; it is not a signature, the manifest sits beside them).
@@ -20,6 +20,9 @@ from ..io.files import atomic_folder, recover_folder, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS, PICKLE, MANIFEST = "model.safetensors", "model.pkl", "manifest.json"
+MODEL_ONNX = "model.onnx"          # the same weights as an ONNX graph (image -> probabilities); absent in older artifacts
+ONNX_OPSET = 18                    # the opset the dynamo exporter's torchlib is written for (no version conversion)
+ONNX_INPUT, ONNX_OUTPUT = "image", "probabilities"
 DEFAULT_EXPORT_DIR = Path("export")
 
 
@@ -31,7 +34,12 @@ class Artifact:
 
     @property
     def files(self) -> list[str]:
-        return [MANIFEST, WEIGHTS, PICKLE]
+        return [MANIFEST, WEIGHTS, PICKLE] + ([MODEL_ONNX] if self.has_onnx else [])
+
+    @property
+    def has_onnx(self) -> bool:
+        """Whether the manifest lists a model.onnx (artifacts exported before ONNX output have none)."""
+        return MODEL_ONNX in self.manifest.get("files", {}) and isinstance(self.manifest.get("onnx"), dict)
 
     @property
     def classes(self) -> list[str]:
@@ -85,12 +93,86 @@ def export_run(run: str | Path, to: str | Path | None = None, force: bool = Fals
     with atomic_folder(dest) as tmp:
         shutil.copyfile(pkl, tmp / PICKLE)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        manifest = build_manifest(info, tmp)
+        onnx = export_onnx(state, info.classes, info.cfg.widths, info.cfg.size, tmp / MODEL_ONNX)
+        manifest = build_manifest(info, tmp, onnx=onnx)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return Artifact(dest, manifest)
 
 
-def build_manifest(info, folder: Path) -> dict[str, Any]:
+def export_onnx(state: dict, classes: list[str], widths, size: int, path: Path) -> dict[str, Any]:
+    """Write the ResNet9 with these weights as ONE self-contained ONNX file (weights inside, no external
+    data) whose output is the softmax, so a runtime outside Python gets probabilities directly. Input
+    "image" (batch, 1, size, size) float32, already normalised; the batch dimension is dynamic.
+    Returns the manifest's "onnx" section. The exporter's progress lines and warnings are swallowed."""
+    import io
+    import logging
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from ..model import ResNet9
+
+    class WithSoftmax(nn.Module):
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.model(image), dim=1)
+
+    model = ResNet9(n_in=1, n_out=len(classes), widths=tuple(widths))
+    model.load_state_dict(state, strict=True)
+    wrapped = WithSoftmax(model).eval()
+    example = torch.zeros((2, 1, size, size), dtype=torch.float32)  # batch 2: a batch of 1 would be specialised
+    chatter = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapped, (example,), dynamo=True, opset_version=ONNX_OPSET, input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT], dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                verbose=False, external_data=False)
+            program.save(str(path), external_data=False)
+    except ImportError as e:
+        raise ArtifactError(f"ONNX export needs onnx and onnxscript ({e}); pip install onnx onnxscript") from e
+    except Exception as e:
+        said = " ".join(chatter.getvalue().split())[-300:]
+        raise ArtifactError(f"ONNX export of the model failed ({type(e).__name__}: {e})"
+                            + (f"; exporter said: {said}" if said else "")) from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    opset = _onnx_opset(path)
+    return onnx_section(size, len(classes), opset)
+
+
+def _onnx_opset(path: Path) -> int:
+    """The default-domain opset the saved file declares (what the exporter actually wrote)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), ONNX_OPSET)
+
+
+def onnx_section(size: int, n_classes: int, opset: int) -> dict[str, Any]:
+    return {
+        "file": MODEL_ONNX,
+        "opset": opset,
+        "input": {"name": ONNX_INPUT, "shape": ["batch", 1, size, size], "dtype": "float32",
+                  "preprocessing": "read as 8-bit grey, apply input.contrast, squash the whole image to "
+                                   "input.size x input.size (bilinear), then x / 255, then "
+                                   "(x - normalization.mean) / normalization.std"},
+        "output": {"name": ONNX_OUTPUT, "shape": ["batch", n_classes],
+                   "meaning": "softmax probabilities in manifest classes order"},
+    }
+
+
+def build_manifest(info, folder: Path, onnx: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..train.runs import cache_side
 
     cfg = info.cfg
@@ -111,7 +193,8 @@ def build_manifest(info, folder: Path) -> dict[str, Any]:
         "validation": meta.get("best", {}),
         "versions": meta.get("versions", {}),
         "files": {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-                  for name in (WEIGHTS, PICKLE)},
+                  for name in (WEIGHTS, PICKLE, MODEL_ONNX) if name != MODEL_ONNX or onnx is not None},
+        **({"onnx": onnx} if onnx is not None else {}),
         # content hashes of the training images: `evaluate` warns when it is shown them again
         "training_images_sha256": train_sha,
         "training_images_missing": train_missing,

@@ -12,19 +12,21 @@ import numpy as np
 
 from ..config import PredictConfig, resolve_device
 from ..errors import CxrError, DataError
-from ..io.images import apply_contrast, decode_many, is_image_name, squash
+from ..io.files import walk_files
+from ..io.images import IMAGE_EXTENSIONS, apply_contrast, decode_many, is_image_path, squash
 from .export import Artifact, load_model, load_pickle_learner, read_manifest
 
 
 def collect_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given (any extension: an unreadable one is reported per file), folders recursively."""
+    """Files as given (any extension: an unreadable one is reported per file), folders recursively (symlinked
+    folders followed once each; hidden files and OS debris such as .DS_Store, Thumbs.db, __MACOSX/ skipped)."""
     out: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name) and not f.name.startswith("."))
+            found = walk_files(p, is_image_path)
             if not found:
-                raise DataError(f"{p}: folder holds no images (.jpg .jpeg .png .bmp .tif .tiff)")
+                raise DataError(f"{p}: folder holds no images ({' '.join(IMAGE_EXTENSIONS)} or DICOM files)")
             out.extend(found)
         elif p.exists():
             out.append(p)
@@ -108,6 +110,15 @@ class PicklePredictor:
 
 
 def load_predictor(artifact: str | Path, cfg: PredictConfig):
+    """The predictor cfg asks for: torch (safetensors, or model.pkl with trust_pickle) or onnx (model.onnx in
+    onnxruntime; imports neither torch nor fastai)."""
+    if cfg.runtime == "onnx":
+        from .onnx_runtime import OnnxPredictor, check_onnx_options
+
+        check_onnx_options(cfg)
+        return OnnxPredictor(read_manifest(artifact))
+    if cfg.runtime != "torch":
+        raise CxrError(f"unknown runtime {cfg.runtime!r}; use torch or onnx")
     art = read_manifest(artifact)
     if cfg.trust_pickle and cfg.tta:
         raise CxrError("--tta works with the safetensors weights only; drop --trust-pickle or --tta")

@@ -5,13 +5,18 @@ Layouts, tried in this order:
       ROOT. Its split column is used as given; without one, items are split by connected components of
       patient_id and group, so that no patient and no duplicate group is on both sides.
   (a) ROOT/{train,valid[,test]}/CLASS/**/image
-  (b) ROOT/CLASS/**/image, split by a seeded random split.
+  (b) ROOT/CLASS/**/image, split by a seeded random split (by patient when DICOM headers name one).
+Images are .jpg .jpeg .png .bmp .tif .tiff and DICOM (.dcm, .dicom, or no extension with the DICM preamble);
+symlinked folders are followed once each; hidden files and OS debris (.DS_Store, Thumbs.db, __MACOSX/) are
+skipped. A DICOM's PatientID is kept only as a salted hash (patient_id), never as itself.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +26,8 @@ import pandas as pd
 
 from ..config import SPLITS
 from ..errors import DataError
-from ..io.images import apply_contrast, decode_many, is_image_name, squash
+from ..io.files import sub_folders, walk_files
+from ..io.images import apply_contrast, decode_many, is_image_path, squash
 
 COLUMNS = ("path", "label", "split", "source", "patient_id", "group")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -114,11 +120,12 @@ def _discover_one(root: str | Path, valid_pct: float, seed: int) -> Dataset:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if is_image_name(p.name) and not p.name.startswith("."))
+    """Images (and DICOMs) under a class folder, symlinked folders followed once, debris skipped."""
+    return walk_files(folder, is_image_path)
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sub_folders(folder)
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -137,7 +144,7 @@ def _from_split_folders(root: Path) -> Dataset:
         for cdir in _class_dirs(d):
             for p in _images_under(cdir):
                 rows.append(dict(path=str(p), label=cdir.name, split=split))
-    ds = Dataset(root, "split-folders", _frame(rows), split_given=True)
+    ds = Dataset(root, "split-folders", _with_dicom_patients(_frame(rows)), split_given=True)
     if not (root / "valid").is_dir():
         raise DataError(f"{root}: has train/ but no valid/ folder; add ROOT/valid/CLASS/* "
                         "(or remove train/ to let the tool split ROOT/CLASS/* itself)")
@@ -149,10 +156,29 @@ def _from_class_folders(root: Path, valid_pct: float, seed: int) -> Dataset:
     for cdir in _class_dirs(root):
         for p in _images_under(cdir):
             rows.append(dict(path=str(p), label=cdir.name, split=""))
-    df = _frame(rows)
-    if len(df):
+    df = _with_dicom_patients(_frame(rows))
+    if (df.patient_id != "").any():
+        # DICOMs name their patient: keep each patient's films on one side of the split
+        df["split"] = group_split(df.patient_id.tolist(), df.group.tolist(), valid_pct, seed)
+    elif len(df):
         df["split"] = _random_split(df.label.tolist(), valid_pct, seed)
     return Dataset(root, "class-folders", df, split_given=False)
+
+
+@functools.cache
+def _salt() -> str:
+    """A random salt for this process's patient keys: a key groups one patient's films within a run (split,
+    audit) and cannot be turned back into the id, nor matched against another run's keys."""
+    return secrets.token_hex(16)
+
+
+def _with_dicom_patients(df: pd.DataFrame) -> pd.DataFrame:
+    """Fill patient_id for DICOM files from their PatientID header, as a salted hash (never the id itself)."""
+    from ..io.dicom import is_dicom_file, patient_key
+
+    keys = [patient_key(p, _salt()) if is_dicom_file(p) else None for p in df.path]
+    df["patient_id"] = [k or "" for k in keys]
+    return df
 
 
 def _random_split(labels: Sequence[str], valid_pct: float, seed: int) -> list[str]:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,3 +144,72 @@ def content_key(paths: Sequence[str], extra: str) -> str:
             raise OSError(err)
         h.update(f"{p}|{digest}|".encode())
     return h.hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------ folder walks
+
+# Files and folders that operating systems and archivers leave beside users' images: never data.
+OS_DEBRIS = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin",
+                       "system volume information", "lost+found"})
+
+
+def is_debris(name: str) -> bool:
+    """Hidden entries (.DS_Store, ._x AppleDouble files, .git...) and OS/archiver debris, skipped silently."""
+    return name.startswith(".") or name.lower() in OS_DEBRIS
+
+
+def walk_files(folder: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """Every file under `folder` that `keep` accepts, sorted, following symlinked folders as users expect.
+
+    Each real folder is entered once (by device and inode), so two links to one folder do not list an image
+    twice, and a link back to `folder` or above it (a cycle) is not followed at all: it would loop, or list
+    sibling folders' images under this one. Hidden files and OS debris are skipped. Paths keep the names the
+    user sees (the link's, not its target's)."""
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [Path(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+        except OSError:
+            continue  # a dangling link
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)  # the same walk, and names, every time
+        except OSError:
+            continue  # unreadable folder: its images are simply not there
+        for e in entries:
+            if is_debris(e.name):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                continue
+            p = Path(e.path)
+            if is_dir:
+                if not (e.is_symlink() and _points_up(p)):
+                    stack.append(p)
+            elif keep(p):
+                out.append(p)
+    return sorted(out)
+
+
+def _points_up(link: Path) -> bool:
+    """Whether a symlinked folder leads to one of the folders it sits in, as the user's path names them."""
+    target = link.resolve()
+    return any(target == a.resolve() for a in link.absolute().parents)
+
+
+def sub_folders(folder: Path) -> list[Path]:
+    """The folders (symlinked ones too) directly inside `folder`, debris and hidden ones left out, sorted."""
+    return sorted(Path(e.path) for e in os.scandir(folder) if not is_debris(e.name) and _is_dir(e))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False

@@ -3,6 +3,10 @@
 Why not `PIL.Image.convert('L')` alone: it clips 16-bit images (modes I;16 / I) to white, and it turns
 RGBA into grey over an undefined background. Here 16-bit data is scaled by its bit depth, alpha is
 composited on black, EXIF orientation is applied and palette/CMYK images are converted properly.
+
+DICOM files (.dcm/.dicom, or extension-less files with the 'DICM' preamble) go to `io.dicom.read_dicom`,
+which applies the modality and VOI LUTs as a viewer does, so every consumer (train, predict, evaluate,
+audit, interpret) reads them the same way. pydicom is only imported when a DICOM file is read.
 """
 from __future__ import annotations
 
@@ -14,12 +18,20 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ImageReadError
+from .dicom import DICOM_EXTENSIONS, is_dicom_file, read_dicom
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 
 
 def is_image_name(path: str | Path) -> bool:
+    """By name alone (no file access): one of IMAGE_EXTENSIONS."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_image_path(path: str | Path) -> bool:
+    """What folder walkers should use: an image name, or a DICOM file without a telling extension
+    (PACS exports are often extension-less); those cost one 132-byte read to check the 'DICM' preamble."""
+    return is_image_name(path) or is_dicom_file(path)
 
 
 def _to_grey(img: Image.Image) -> np.ndarray:
@@ -55,6 +67,8 @@ def _to_grey(img: Image.Image) -> np.ndarray:
 def read_grey(path: str | Path) -> np.ndarray:
     """Decode one image file to a (H, W) uint8 array, or raise ImageReadError naming the file."""
     path = Path(path)
+    if is_dicom_file(path):
+        return read_dicom(path)
     try:
         with Image.open(path) as img:
             # Pillow raises above 2x MAX_IMAGE_PIXELS and only warns between 1x and 2x: refuse those too.
