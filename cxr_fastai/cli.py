@@ -123,6 +123,13 @@ def _errors(interrupt_hint: str = "") -> Iterator[None]:
     except Terminated:
         _echo(f"terminated{'; ' + interrupt_hint if interrupt_hint else ''}")
         raise typer.Exit(143)
+    except BrokenPipeError:
+        # stdout closed early (`cxr-fastai predict ... | head`): stop quietly, as other Unix tools do
+        import os
+
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141)
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as e:  # a bug of ours: still one line, the traceback with --debug
