@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ImageReadError
+from .files import access_error
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -73,18 +74,12 @@ def _read_dataset(path: Path, stop_before_pixels: bool = False) -> "Dataset":
 
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except IsADirectoryError as e:
-        raise ImageReadError(f"{path}: is a folder, not a DICOM file") from e
-    except FileNotFoundError as e:
-        raise ImageReadError(f"{path}: file not found") from e
-    except PermissionError as e:
-        raise ImageReadError(f"{path}: not readable (permission denied)") from e
     except InvalidDicomError as e:
         raise ImageReadError(f"{path}: not a valid DICOM file (no 'DICM' file meta header); "
                              "export it again from the PACS as a DICOM Part 10 file") from e
     except _READ_ERRORS as e:
         # The exception text is left out on purpose: a parse error may quote header bytes.
-        raise ImageReadError(f"{path}: cannot read the DICOM header ({type(e).__name__}); "
+        raise access_error(path, e, "a DICOM file") or ImageReadError(f"{path}: cannot read the DICOM header ({type(e).__name__}); "
                              "the file is probably truncated or corrupt") from e
 
 

@@ -148,6 +148,20 @@ def content_key(paths: Sequence[str], extra: str) -> str:
 
 # ------------------------------------------------------------------------------------ folder walks
 
+def access_error(path: Path | str, e: BaseException, what: str = "an image"):
+    """The one-line ImageReadError for a file that cannot be opened at all (a folder, missing, not
+    readable), or None when `e` is a fault of the file's content, for the reader to word."""
+    from ..errors import ImageReadError
+
+    if isinstance(e, IsADirectoryError):
+        return ImageReadError(f"{path}: is a folder, not {what}")
+    if isinstance(e, FileNotFoundError):
+        return ImageReadError(f"{path}: file not found")
+    if isinstance(e, PermissionError):
+        return ImageReadError(f"{path}: not readable (permission denied)")
+    return None
+
+
 # Files and folders that operating systems and archivers leave beside users' images: never data.
 OS_DEBRIS = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin",
                        "system volume information", "lost+found"})

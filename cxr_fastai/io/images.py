@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ImageReadError
 from .dicom import DICOM_EXTENSIONS, is_dicom_file, read_dicom
+from .files import access_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 
@@ -86,16 +87,11 @@ def read_grey(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: image too large ({e}); resize it below {Image.MAX_IMAGE_PIXELS:,} pixels") from e
     except Image.DecompressionBombWarning as e:  # when warnings are errors (python -W error)
         raise ImageReadError(f"{path}: image too large ({e}); resize it") from e
-    except IsADirectoryError as e:
-        raise ImageReadError(f"{path}: is a folder, not an image") from e
-    except FileNotFoundError as e:
-        raise ImageReadError(f"{path}: file not found") from e
-    except PermissionError as e:
-        raise ImageReadError(f"{path}: not readable (permission denied)") from e
     except Image.UnidentifiedImageError as e:
         raise ImageReadError(f"{path}: not an image Pillow can read (empty, text or unsupported format)") from e
     except (OSError, ValueError, SyntaxError, EOFError, TypeError) as e:
-        raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is probably truncated or corrupt") from e
+        raise access_error(path, e) or ImageReadError(
+            f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is probably truncated or corrupt") from e
     if arr.ndim != 2 or arr.size == 0:
         raise ImageReadError(f"{path}: decoded to an empty or non-2-D array of shape {arr.shape}")
     return arr
