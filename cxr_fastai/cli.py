@@ -197,6 +197,7 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Optional[List[Path]] = typer.Argument(None, help="Dataset root(s), each ROOT/{train,valid[,test]}/CLASS/*, ROOT/CLASS/* or ROOT/labels.csv; several roots train one model (an item's source: its labels.csv source, else its root's folder name). Not needed with --resume."),
     run: Path = typer.Option(..., "--run", help="Run folder to create (config, stats, checkpoints, logs)."),
     size: int = RECIPE["size"],
@@ -222,6 +223,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    procs: int = typer.Option(1, "--procs", min=1, max=256, help="Train data-parallel in N processes on this machine, through `accelerate launch` (one per GPU; on the CPU over gloo). --bs stays the global batch, split across them; keep --lr."),
 ):
     """Train ResNet9 with fastai's fit_one_cycle and keep the epoch with the best validation balanced accuracy."""
     from .train.fit import train as train_run
@@ -230,11 +232,29 @@ def train(
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
     if not data and not resume:
         raise typer.BadParameter("give DATA_DIR (or --resume to continue an existing run)", param_hint="DATA")
+    if procs > 1:  # the same command in N processes, started by accelerate's launcher
+        from .train.distributed import command_line, launch_local, world_size
+
+        if world_size() > 1:
+            raise typer.BadParameter("already running data-parallel (the launcher set the processes); drop --procs",
+                                     param_hint="--procs")
+        hint = f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run} --procs {procs}`"
+        with _errors(hint):
+            _out_folder(run, "--run")
+            args = ["--debug"] * _state["debug"] + ["train", *command_line(ctx, drop=("procs",))]
+            code = launch_local(args, procs, device=device.value, log=_quiet_log(quiet))
+        if code:
+            kept = f"; {hint}" if (run / "checkpoints" / "last.pth").is_file() else ""
+            _echo({130: f"interrupted{kept}", 143: f"terminated{kept}"}.get(
+                code, f"error: data-parallel training failed (exit code {code}; the processes' messages are above){kept}"))
+        raise typer.Exit(code)
     cfg = _train_config(data, locals(), run=str(run), compile=compile_model)
     with _errors(f"the best model so far is kept in {run}; continue with `cxr-fastai train --resume --run {run}`"):
         _out_folder(run, "--run")
         res = train_run(cfg, resume=resume, force=force, progress=not quiet and sys.stderr.isatty(),
                         log=_quiet_log(quiet), warn=_warn)
+    if res.rank:  # data-parallel: rank 0 reports
+        return
     b = res.best
     typer.echo(f"trained {res.n_train} images ({res.n_valid} validation, {res.skipped} skipped) in {res.seconds:.0f} s; "
                f"best epoch {res.best_epoch}: valid accuracy {b.get('accuracy', float('nan')):.4f}, "
@@ -506,3 +526,32 @@ def crossval_cmd(
                    + (f"; pooled {s['pooled_balanced_accuracy']:.3f}" if s["pooled_balanced_accuracy"] is not None else ""))
     for name, path in files.items():
         typer.echo(f"  {name}: {path}")
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+from .config import ServeConfig  # noqa: E402
+
+
+@app.command()
+def serve(
+    artifact: Path = typer.Argument(..., help="An exported model folder (manifest.json + model.safetensors / model.onnx)."),
+    host: str = typer.Option(ServeConfig.host, "--host", help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs --token."),
+    port: int = typer.Option(ServeConfig.port, "--port", min=1, max=65535, help="TCP port."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="CXR_SERVE_TOKEN", help="Bearer token every request but GET /health and the page needs (Authorization: Bearer TOKEN). Also read from $CXR_SERVE_TOKEN, which keeps it out of the process list."),
+    max_mb: float = typer.Option(ServeConfig.max_mb, "--max-mb", min=0.001, max=10_000, help="MB of files per request; more is refused with 413."),
+    workers: int = typer.Option(ServeConfig.workers, "--workers", min=1, max=64, help="Server processes, each with its own copy of the model and its own batching (1 suits a small machine)."),
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help="torch: model.safetensors (Grad-CAM and TTA available); onnx: model.onnx in onnxruntime on the CPU."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model (torch runtime)."),
+    threads: int = typer.Option(ServeConfig.threads, "--threads", min=0, max=256, help="The model's threads (0: half the CPU cores, at least 1; the rest decode uploads and serve HTTP)."),
+    decode_threads: int = typer.Option(ServeConfig.decode_threads, "--decode-threads", min=1, max=64, help="Threads that decode uploaded images."),
+):
+    """HTTP API (POST /predict, GET /model, GET /health) and a one-page UI over an exported model; Ctrl-C stops it."""
+    with _errors("the server stopped"):
+        from .serve.app import check_bind, run
+
+        check_bind(host, token)   # before anything is loaded
+        run(artifact, host=host, port=port, token=token, max_mb=max_mb, workers=workers, runtime=runtime.value,
+            device=device.value, threads=threads, decode_threads=decode_threads, log_fn=_echo)
+    # uvicorn shuts down gracefully on Ctrl-C / SIGTERM (in-flight requests finish) and returns
+    _echo("server stopped")

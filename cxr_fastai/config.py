@@ -93,6 +93,20 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"        # loopback only; any other address needs a token
+    port: int = 8000
+    max_mb: float = 20.0           # MB (10^6 bytes) of upload per request; more is refused with 413
+    workers: int = 1               # server processes (uvicorn workers), each with its own model and batcher
+    max_files: int = 64            # files per request
+    max_batch: int = 64            # images per forward pass when concurrent requests are batched
+    batch_wait_ms: float = 5.0     # how long the batcher waits for more images after the first one
+    decode_threads: int = 2        # threads that decode uploads (Pillow and pydicom drop the GIL)
+    threads: int = 0               # the model's threads (torch / onnxruntime intra-op); 0: half the CPU cores, at
+                                   # least 1: the other half decode uploads and run the event loop
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     split: str = "test"
     n_boot: int = 1000             # bootstrap resamples for the 95% intervals

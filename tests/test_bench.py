@@ -16,7 +16,9 @@ def test_bench_json_reports_both_paths_their_ratio_and_predict_figures(tmp_path)
         assert key in res, key
     assert res["device"] == "cpu" and res["size"] == 16 and res["n_train"] == 64 and res["epochs"] == 2
     assert res["plain_train_img_s"] > 0 and res["fastai_train_img_s"] > 0 and res["predict_img_s"] > 0
-    assert abs(res["ratio"] - res["fastai_train_img_s"] / res["plain_train_img_s"]) < 0.005
+    f, p = res["fastai_train_img_s"], res["plain_train_img_s"]
+    # the img/s figures are rounded to 0.1 and the ratio (from the unrounded ones) to 0.001
+    assert abs(res["ratio"] - f / p) <= 0.0005 + 0.05 / p + 0.05 * f / p**2 + 1e-9
     # one accuracy per counted epoch, for each path; time-to-target is a number or null, never made up
     assert len(res["plain_valid_acc"]) == len(res["fastai_valid_acc"]) == 2
     assert all(0 <= a <= 1 for a in res["plain_valid_acc"] + res["fastai_valid_acc"])

@@ -29,8 +29,11 @@ class RandomResizedCropBatch(RandTransform):
     `RandomResizedCropGPU` draws one crop per batch). Train only (split_idx=0): validation images are
     already squashed to size x size. Antialiased (see `augment.crop_resize`). Draws come from a
     generator on the batch's device, reseeded per epoch by `CachedDL` (`reseed`): no host sync, and
-    epoch k's crops depend only on (seed, k)."""
+    epoch k's crops depend only on (seed, k). Data-parallel (`shard` = (this process, processes)): every
+    process draws for the whole global batch and keeps its own rows, so each image gets the crop the
+    one-process run would have given it."""
     split_idx, order = 0, 30  # after IntToFloatTensor (10), before Normalize (99), as fastai's GPU crop
+    shard = (0, 1)  # (rank, world size); set for a data-parallel fit only (train.distributed)
 
     def __init__(self, size: int, min_scale: float, ratio=(3 / 4, 4 / 3), **kwargs):
         super().__init__(p=1.0, **kwargs)
@@ -44,15 +47,20 @@ class RandomResizedCropBatch(RandTransform):
         if self._gen is None or self._gen.device != torch.device(device):
             # a CUDA generator's device reads cuda:0 where the tensor says cuda: compare by type and index
             self._gen = torch.Generator(device=device).manual_seed(self._seed)
-        return torch.rand((n, 4), generator=self._gen, device=device)
+        rank, world = self.shard
+        if world == 1:
+            return torch.rand((n, 4), generator=self._gen, device=device)
+        # this process holds rows rank*n .. (rank+1)*n of a global batch of n*world images
+        return torch.rand((n * world, 4), generator=self._gen, device=device)[rank * n:(rank + 1) * n]
 
     def encodes(self, x: TensorImage):
         u = self._draws(x.shape[0], x.device)
         return TensorImage(random_resized_crop(x, self.size, self.min_scale, u, self.ratio)).as_subclass(type(x))
 
-    def __getstate__(self):  # the generator is state of one process, not of the transform
+    def __getstate__(self):  # the generator and the shard are state of one process, not of the transform
         d = dict(self.__dict__)
         d["_gen"] = None
+        d.pop("shard", None)
         return d
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import AvgSmoothLoss
+from fastai.torch_core import rank_distrib
 
 from ..config import write_json
 from ..data.cached_dl import seed_for
@@ -25,13 +26,20 @@ Log = Callable[[str], None]
 
 
 def unwrap(model):
-    """The plain module behind torch.compile: what checkpoints, weights and pickles hold."""
+    """The plain module behind DistributedDataParallel and torch.compile: what checkpoints, weights and
+    pickles hold (state_dict keys without a `module.` or `_orig_mod.` prefix)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
     return getattr(model, "_orig_mod", model)
 
 
 class EpochSeed(Callback):
     """Before each epoch, tell the loaders which epoch it is: the shuffle and the crops of epoch k then
-    depend on (seed, k) only, so a run resumed at epoch k sees what the uninterrupted run would have."""
+    depend on (seed, k) only, so a run resumed at epoch k sees what the uninterrupted run would have.
+    Data-parallel, process r > 0 seeds the global generators with (seed, k, r): fastai's own batch
+    transforms then draw differently on each process's share of a batch (process 0 draws as one process)."""
     order = -10
 
     def before_epoch(self):
@@ -40,6 +48,9 @@ class EpochSeed(Callback):
                 dl.set_epoch(self.epoch)
         # fastai's own random batch transforms (--augment) draw from the global generators
         s = seed_for(getattr(self.dls.train, "seed", 0), self.epoch)
+        rank = rank_distrib()
+        if rank:
+            s = seed_for(s, rank)
         random.seed(s)
         torch.manual_seed(s)
 
@@ -96,6 +107,8 @@ class RunCheckpoint(Callback):
             with atomic_save_path(self.info.best_path) as tmp:
                 torch.save(model_sd, tmp)
             self.info.meta["best"] = {"epoch": self.epoch + 1, **vals}
+        # validation images scored this epoch (each once, whatever the number of processes)
+        self.info.meta["valid_n"] = int(getattr(self.learn.recorder.loss, "count", 0))
         with atomic_save_path(self.info.last_path) as tmp:
             torch.save({"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
                         "best_score": self.best_score, "best_epoch": self.best_epoch}, tmp)
@@ -129,8 +142,9 @@ class Eta(Callback):
         # validation: forward only, ~1/3 of a training batch's cost
         per_epoch = per_batch * (len(self.dls.train) + len(self.dls.valid) / 3)
         total = per_epoch * self.epochs_left
+        bs = self.dls.train.bs * getattr(self.dls.train, "world_size", 1)  # data-parallel: the global batch
         self.log(f"ETA: ~{fmt_seconds(total)} for {self.epochs_left} epoch(s) (~{fmt_seconds(per_epoch)} per epoch, "
-                 f"{self.dls.train.bs / per_batch:.0f} img/s training)")
+                 f"{bs / per_batch:.0f} img/s training)")
         if total > 3600:
             self.warn(f"this run will take about {fmt_seconds(total)}; a smaller --size or fewer --epochs, "
                       "or a GPU, would be much faster")

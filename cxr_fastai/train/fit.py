@@ -7,11 +7,12 @@ loaders and the learner, fit, finish (best epoch -> learner.pkl). The run folder
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -146,6 +147,7 @@ class TrainResult:
     n_valid: int
     skipped: int
     seconds: float
+    rank: int = 0      # data-parallel: this process's rank (only rank 0 reports)
 
 
 @dataclass
@@ -158,11 +160,16 @@ class Checkpoint:
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = False,
           log: Log = _noop, warn: Log = _noop) -> TrainResult:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # started by accelerate launch / torchrun: data-parallel
+        from .distributed import train as train_data_parallel
+
+        return train_data_parallel(cfg, resume=resume, force=force, progress=progress, log=log, warn=warn)
     t_start = time.perf_counter()
     if resume:
         info, items = restore_run(Path(cfg.run))
     else:
         info, items = prepare_run(cfg, force=force, log=log, warn=warn)
+    info.meta.pop("data_parallel", None)  # this run (or its resumption) trains in one process
     cfg = info.cfg
     learn, ck = build_learner(info, items, resume=resume, log=log)
     fit(learn, info, ck, progress=progress, log=log, warn=warn)
@@ -242,16 +249,18 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
     return RunInfo(run, cfg, meta), items
 
 
-def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log):
+def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log, device: str | None = None,
+                  bs: int | None = None):
     """Seeded loaders and learner on the run's device; on resume, the last checkpoint's weights and
-    optimizer state. Returns (learner, where the run stands)."""
+    optimizer state. Returns (learner, where the run stands). Data-parallel, `device` is this process's
+    and `bs` its share of the global batch."""
     import torch
     from fastai.torch_core import set_seed
 
     from ..data.loaders import build_dls
 
     cfg = info.cfg
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     cuda = device.startswith("cuda")
     # CPU: bit-for-bit repeatable (tested). CUDA: cuDNN picks the fastest kernels for the fixed input
     # size, which is not bit-repeatable; seeded all the same.
@@ -259,7 +268,7 @@ def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log)
     if cuda:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
-    dls = build_dls(items, info.classes, info.stats, cfg, device, side=cache_side(info))
+    dls = build_dls(items, info.classes, info.stats, cfg.replace(bs=bs) if bs else cfg, device, side=cache_side(info))
     if cfg.data_path != "pil":
         log(f"image cache ready in {time.perf_counter() - t0:.1f} s ({len(dls.train_ds)} train, "
             f"{len(dls.valid_ds)} valid, train side {cache_side(info)} px, on {device})")
@@ -278,8 +287,10 @@ def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log)
     return learn, ck
 
 
-def fit(learn, info: RunInfo, ck: Checkpoint, *, progress: bool, log: Log, warn: Log) -> None:
-    """fastai's fit_one_cycle from the epoch the run stands at, checkpointing every epoch."""
+def fit(learn, info: RunInfo, ck: Checkpoint, *, progress: bool, log: Log, warn: Log, write: bool = True,
+        extra_cbs: Sequence = ()) -> None:
+    """fastai's fit_one_cycle from the epoch the run stands at, checkpointing every epoch (`write`: False
+    on the processes of a data-parallel run other than rank 0)."""
     import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
 
     from .callbacks import EpochLog, Eta, RunCheckpoint
@@ -287,9 +298,10 @@ def fit(learn, info: RunInfo, ck: Checkpoint, *, progress: bool, log: Log, warn:
     cfg = info.cfg
     if ck.epochs_done >= cfg.epochs:
         return
-    cbs = [RunCheckpoint(info, ck.epochs_done, ck.best_score, ck.best_epoch)]
-    if str(learn.dls.device) == "cpu":
+    cbs = [RunCheckpoint(info, ck.epochs_done, ck.best_score, ck.best_epoch)] if write else []
+    if write and str(learn.dls.device) == "cpu":
         cbs.append(Eta(log, warn, cfg.epochs - ck.epochs_done))
+    cbs += list(extra_cbs)
     if not progress:
         cbs.append(EpochLog(log, ck.epochs_done))
         learn.logger = _noop

@@ -2,7 +2,9 @@
 
 A run folder holds everything needed to resume, interpret or export without the original command:
   config.json       the TrainConfig (data path included)
-  run.json          class order, pixel stats, cache side, layout, counts, best epoch and its validation metrics
+  run.json          class order, pixel stats, cache side, layout, counts, best epoch and its validation metrics,
+                    valid_n (validation images scored per epoch), data_parallel (processes, backend, batch split:
+                    a run trained by several processes, train/distributed.py)
   items.csv         the train/valid images actually used (unreadable ones left out)
   skipped.csv       unreadable images: path,error
   history.csv       one row per epoch: losses, metrics, seconds

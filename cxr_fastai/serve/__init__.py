@@ -1,0 +1,1 @@
+"""`cxr-fastai serve`: HTTP API and page over an exported model (app.create_app, app.run)."""
