@@ -14,7 +14,7 @@ the run, and `cxr-fastai predict`'s throughput on the same images for comparison
    that the load generator's own CPU use stays small on a small machine (it shares the cores with the
    server). Every response is checked: status 200 and no per-file error, else it counts as an error.
 3. Printed: server img/s, p50/p95/p99 latency, errors, the server's RSS at request 500 and at the end (psutil,
-   else /proc/PID/status VmRSS), predict img/s and the ratio server/predict, plus the machine's load
+   else /proc/PID/status VmRSS; worker processes included), predict img/s and the ratio server/predict, plus the machine's load
    average before and after (other work on the machine shares the cores).
 
 Images: the first --images test-split images of labels.csv in path order (all splits if there are too few).
@@ -48,16 +48,26 @@ def pick_images(data: Path, n: int) -> list[Path]:
 
 
 def rss_mb(pid: int) -> float:
+    """The server's resident memory in MB, its worker processes (--workers > 1) included."""
     try:
         import psutil
 
-        return psutil.Process(pid).memory_info().rss / 2**20
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
     except ImportError:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    return float("nan")
+        pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
 
 
 def free_port() -> int:

@@ -231,7 +231,8 @@ def create_app(artifact: str | Path, token: str | None = None, max_mb: float = S
         yield
         for b in (model.batcher, model.tta_batcher):
             if b is not None and b.batches:
-                log.info("%s: %d image(s) in %d batch(es), largest %d", b.name, b.items, b.batches, b.largest)
+                log.info("%s: %d image(s) in %d batch(es), largest %d; %.1f s in the model", b.name, b.items,
+                         b.batches, b.largest, b.busy_s)
         await model.close()
 
     app = FastAPI(title="cxr-fastai", description="Research use only; not for diagnosis.", lifespan=lifespan,

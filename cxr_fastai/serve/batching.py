@@ -14,6 +14,7 @@ were about to join it.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,7 @@ class Batcher:
         self.batches = 0          # forward passes run
         self.items = 0            # items they held
         self.largest = 0          # the largest batch so far
+        self.busy_s = 0.0         # seconds spent in fn (the model thread's work)
         self.coming = 0           # announced images still being decoded
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
@@ -83,7 +85,7 @@ class Batcher:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
+                results = await loop.run_in_executor(self.executor, self._timed, [item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
             except asyncio.CancelledError:
@@ -102,6 +104,13 @@ class Batcher:
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)
+
+    def _timed(self, items):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(items)
+        finally:
+            self.busy_s += time.perf_counter() - t0
 
     def _drain(self, queue: asyncio.Queue, batch: list) -> None:
         while len(batch) < self.max_batch:
@@ -124,5 +133,5 @@ class Batcher:
             _, fut = queue.get_nowait()
             fut.cancel()
 
-    def stats(self) -> dict[str, int]:
-        return {"batches": self.batches, "items": self.items, "largest": self.largest}
+    def stats(self) -> dict[str, float]:
+        return {"batches": self.batches, "items": self.items, "largest": self.largest, "busy_s": round(self.busy_s, 3)}
