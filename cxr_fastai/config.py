@@ -90,6 +90,7 @@ class PredictConfig:
     trust_pickle: bool = False     # load model.pkl with fastai (can execute code) instead of safetensors
     tta: bool = False              # average the whole image and five fixed crops (6 forward passes)
     runtime: str = "torch"         # torch: safetensors weights in PyTorch | onnx: model.onnx in onnxruntime (CPU, no torch import)
+    onnx_threads: int = 0          # onnxruntime's intra-op threads (0: its default, one per physical core)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Grad-CAM (Selvaraju et al. 2017) on ResNet9's last feature map, for a batch of model inputs, and its
 overlay on the radiograph as a PNG.
 
-The same computation as `evaluate.report.grad_cams` (which reads image paths through a fastai loader),
-taking tensors instead: the last feature map, the gradient of the chosen class's logit with respect to it,
+The project's one Grad-CAM (serve calls it on uploads, `evaluate.report.grad_cams` on the run's images),
+on model inputs: the last feature map, the gradient of the chosen class's logit with respect to it,
 channel weights = the gradient's spatial mean, ReLU of the weighted sum, bilinear upsampling to the input
 side, scaled to [0, 1] per image. In eval mode the images of a batch do not interact, so one backward pass
 gives every image's map.

@@ -193,7 +193,7 @@ def build_manifest(info, folder: Path, onnx: dict[str, Any] | None = None) -> di
         "validation": meta.get("best", {}),
         "versions": meta.get("versions", {}),
         "files": {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-                  for name in (WEIGHTS, PICKLE, MODEL_ONNX) if name != MODEL_ONNX or onnx is not None},
+                  for name in (WEIGHTS, PICKLE, *([MODEL_ONNX] if onnx is not None else []))},
         **({"onnx": onnx} if onnx is not None else {}),
         # content hashes of the training images: `evaluate` warns when it is shown them again
         "training_images_sha256": train_sha,

@@ -116,7 +116,7 @@ def load_predictor(artifact: str | Path, cfg: PredictConfig):
         from .onnx_runtime import OnnxPredictor, check_onnx_options
 
         check_onnx_options(cfg)
-        return OnnxPredictor(read_manifest(artifact))
+        return OnnxPredictor(read_manifest(artifact), threads=cfg.onnx_threads)
     if cfg.runtime != "torch":
         raise CxrError(f"unknown runtime {cfg.runtime!r}; use torch or onnx")
     art = read_manifest(artifact)

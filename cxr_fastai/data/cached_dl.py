@@ -47,10 +47,8 @@ class RandomResizedCropBatch(RandTransform):
         if self._gen is None or self._gen.device != torch.device(device):
             # a CUDA generator's device reads cuda:0 where the tensor says cuda: compare by type and index
             self._gen = torch.Generator(device=device).manual_seed(self._seed)
+        # this process holds rows rank*n .. (rank+1)*n of a global batch of n*world images (one process: all)
         rank, world = self.shard
-        if world == 1:
-            return torch.rand((n, 4), generator=self._gen, device=device)
-        # this process holds rows rank*n .. (rank+1)*n of a global batch of n*world images
         return torch.rand((n * world, 4), generator=self._gen, device=device)[rank * n:(rank + 1) * n]
 
     def encodes(self, x: TensorImage):

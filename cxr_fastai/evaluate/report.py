@@ -91,33 +91,17 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     Each image goes through the validation preprocessing (squash to size, /255, the run's mean/std).
     With ResNet9's global max pool the channel weights are the head's weights spread over the map, so
     the map shows where each channel's evidence lies."""
-    import torch
-    import torch.nn.functional as F
-
     from ..data.augment import to_model_input
+    from ..gradcam import grad_cam_maps
     from ..io.images import read_model_image, squash
 
     norm = _normaliser(dl)
     contrast = _contrast(dl)
     size = _input_size(dl)
-    model = getattr(model, "_orig_mod", model)
-    was_training = model.training
-    model.eval().float()
+    model = getattr(model, "_orig_mod", model).float()
     dev = next(model.parameters()).device
-    out: dict[str, np.ndarray] = {}
-    for p in paths:
-        x = to_model_input([squash(read_model_image(p, contrast), size)], *norm, device=dev)
-        feats = model.forward_features(x).detach().requires_grad_(True)   # (1, C, h, w)
-        logits = model.head(feats.amax((2, 3)))
-        c = int(logits.argmax(1))
-        (g,) = torch.autograd.grad(logits[0, c], feats)
-        w = g.mean((2, 3), keepdim=True)                                   # (1, C, 1, 1)
-        cam = F.relu((w * feats).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-        cam = cam / cam.max().clamp(min=1e-8)
-        out[p] = cam.detach().cpu().numpy()
-    model.train(was_training)
-    return out
+    return {p: grad_cam_maps(model, to_model_input([squash(read_model_image(p, contrast), size)], *norm, device=dev))[0]
+            for p in paths}
 
 
 def _input_size(dl) -> int:

@@ -49,6 +49,11 @@ def _has_dicm_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def is_dicom_data(name: str | Path, data: bytes) -> bool:
+    """For bytes in memory (an upload): a .dcm/.dicom name, or the DICOM preamble whatever the name."""
+    return Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
+
+
 def is_dicom_file(path: str | Path) -> bool:
     """True for .dcm/.dicom names, and for files without an extension (PACS exports often have none,
     or are named by their UID, e.g. 1.2.840.113619.2.1, whose "extension" is all digits) that start
@@ -68,12 +73,15 @@ def _short(value: object, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _read_dataset(path: Path, stop_before_pixels: bool = False) -> "Dataset":
+def _read_dataset(path: Path, stop_before_pixels: bool = False, data: bytes | None = None) -> "Dataset":
+    """The file at `path`, or `data` (its bytes, already in memory) when given; messages name `path`."""
+    import io
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(path if data is None else io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as e:
         raise ImageReadError(f"{path}: not a valid DICOM file (no 'DICM' file meta header); "
                              "export it again from the PACS as a DICOM Part 10 file") from e
@@ -210,13 +218,14 @@ def _colour_to_grey(rgb: np.ndarray, bits: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").convert("L"), dtype=np.uint8)
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
+def read_dicom(path: str | Path, data: bytes | None = None) -> np.ndarray:
     """Decode a DICOM radiograph to a (H, W) uint8 array as a viewer shows it, or raise ImageReadError
-    naming the file. An 8-bit unsigned MONOCHROME2 image without window or rescale comes back unchanged."""
+    naming the file. An 8-bit unsigned MONOCHROME2 image without window or rescale comes back unchanged.
+    `data`: the file's bytes when they are already in memory (an upload); `path` then only names it."""
     from pydicom.pixels import apply_color_lut
 
     path = Path(path)
-    ds = _read_dataset(path)
+    ds = _read_dataset(path, data=data)
     photometric = _check_decodable(path, ds)
     arr = _decode_first_frame(path, ds)
     try:

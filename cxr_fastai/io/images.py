@@ -10,6 +10,7 @@ audit, interpret) reads them the same way. pydicom is only imported when a DICOM
 """
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ImageReadError
-from .dicom import DICOM_EXTENSIONS, is_dicom_file, read_dicom
+from .dicom import DICOM_EXTENSIONS, is_dicom_data, is_dicom_file, read_dicom
 from .files import access_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
@@ -65,13 +66,14 @@ def _to_grey(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def read_grey(path: str | Path) -> np.ndarray:
-    """Decode one image file to a (H, W) uint8 array, or raise ImageReadError naming the file."""
+def read_grey(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """Decode one image file to a (H, W) uint8 array, or raise ImageReadError naming the file.
+    `data`: the file's bytes when they are already in memory (an upload); `path` then only names it."""
     path = Path(path)
-    if is_dicom_file(path):
-        return read_dicom(path)
+    if is_dicom_file(path) if data is None else is_dicom_data(path, data):
+        return read_dicom(path, data)
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             # Pillow raises above 2x MAX_IMAGE_PIXELS and only warns between 1x and 2x: refuse those too.
             # Checked here, not with warnings.catch_warnings(), which is not thread-safe (decode_many runs
             # this in threads: the filter could be lost for one thread and leaked into the process).

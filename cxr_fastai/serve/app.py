@@ -129,15 +129,8 @@ class _Model:
         from .batching import Batcher
 
         # trust_pickle is never set: safetensors (torch) or model.onnx, both checked against the manifest
-        pcfg = PredictConfig(runtime=runtime, device=device)
-        if runtime == "onnx" and cfg.threads:
-            from ..artifact.export import read_manifest
-            from ..artifact.onnx_runtime import OnnxPredictor, check_onnx_options
-
-            check_onnx_options(pcfg)
-            self.pred = OnnxPredictor(read_manifest(artifact), threads=cfg.threads)
-        else:
-            self.pred = load_predictor(artifact, pcfg)
+        self.pred = load_predictor(artifact, PredictConfig(runtime=runtime, device=device,
+                                                           onnx_threads=cfg.threads if runtime == "onnx" else 0))
         self.runtime, self.art, self.classes = runtime, self.pred.art, list(self.pred.classes)
         self.torch = runtime == "torch"
         self.tta_pred = None

@@ -6,24 +6,15 @@ learns the size only after the whole body has arrived. Here the body is parsed c
 arrives (python-multipart's streaming parser), nothing is written to disk, and the request is refused with
 413, naming the file being received, as soon as the files in it pass the cap.
 
-Decoding from memory: a JPEG/PNG/BMP/TIFF upload goes through read_grey's own steps on the bytes (Pillow,
-the pixel limit, EXIF orientation, io.images._to_grey), which gives the array read_grey gives for the same
-file (tests/test_serve.py checks it on every mode it handles). A file that fails there, and every DICOM,
-goes to the path-taking readers themselves, through an anonymous in-memory file (Linux memfd, reached as
-/proc/self/fd/N; elsewhere a file in a TemporaryDirectory removed right after): so their checks and their
-error messages are the ones `predict` gives, naming the uploaded file, never that path. Going through
-/proc for every image costs about as much as decoding a small one, hence the in-memory path.
+Decoding: io.images.read_grey on the bytes in memory (it and io.dicom.read_dicom take an upload's bytes
+beside the name they report), so an upload gives the array, the checks and the error messages `predict`
+gives for the same file, naming the uploaded file.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import AsyncIterator, Iterator
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import AsyncIterator
 
 import numpy as np
 
@@ -187,71 +178,18 @@ async def _drain(chunks: AsyncIterator[bytes], seen: int) -> None:
 
 # ------------------------------------------------------------------------------------------ decoding
 
-@functools.cache
-def _memfd() -> bool:
-    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
-
-
-@contextlib.contextmanager
-def as_file(data: bytes) -> Iterator[Path]:
-    """`data` reachable by path for readers that take one: an anonymous in-memory file (Linux memfd),
-    else a file in a TemporaryDirectory; gone when the block ends."""
-    if _memfd():
-        fd = os.memfd_create("cxr-upload", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            with open(fd, "wb", closefd=False) as f:
-                f.write(data)
-            yield Path(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="cxr-serve-") as tmp:
-        path = Path(tmp) / "upload"
-        path.write_bytes(data)
-        yield path
-
-
 def decode_upload(data: bytes, name: str) -> np.ndarray:
     """(H, W) uint8 grey, as `predict` reads the same file, or ImageReadError whose message starts with
-    `name`. DICOM: a .dcm/.dicom name or the 'DICM' preamble (what io.dicom.is_dicom_file looks at)."""
-    from ..io.dicom import DICOM_EXTENSIONS, read_dicom
+    `name`: io.images.read_grey on the bytes in memory (DICOM: a .dcm/.dicom name or the 'DICM' preamble)."""
     from ..io.images import read_grey
 
     if not data:
         raise ImageReadError(f"{name}: empty file (0 bytes); send the image itself")
-    dicom = Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
-    if not dicom:
-        arr = _read_grey_in_memory(data)
-        if arr is not None:
-            return arr
-    with as_file(data) as path:
-        try:
-            return read_dicom(path) if dicom else read_grey(path)
-        except ImageReadError as e:
-            msg = str(e).replace(str(path), name)
-            raise ImageReadError(msg if msg.startswith(name) else f"{name}: {msg}") from None
-        except MemoryError:
-            raise ImageReadError(f"{name}: image too large to decode in this server's memory; resize it") from None
-        except Exception as e:  # a decoder's own bug: the type only (a message could quote header bytes)
-            raise ImageReadError(f"{name}: cannot decode the file ({type(e).__name__})") from None
-
-
-def _read_grey_in_memory(data: bytes) -> np.ndarray | None:
-    """read_grey's steps for a Pillow image, on bytes; None on anything unusual (over the pixel limit, any
-    error, an empty result), for which the caller asks read_grey itself (its error message, its rules)."""
-    from PIL import Image, ImageOps
-
-    from ..io.images import _to_grey
-
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and w * h > limit:
-                return None
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            arr = _to_grey(img)
-    except Exception:
-        return None
-    return arr if arr.ndim == 2 and arr.size else None
+        return read_grey(name, data)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError(f"{name}: image too large to decode in this server's memory; resize it") from None
+    except Exception as e:  # a decoder's own bug: the type only (a message could quote header bytes)
+        raise ImageReadError(f"{name}: cannot decode the file ({type(e).__name__})") from None

@@ -7,7 +7,6 @@ loaders and the learner, fit, finish (best epoch -> learner.pkl). The run folder
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -160,7 +159,9 @@ class Checkpoint:
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = False,
           log: Log = _noop, warn: Log = _noop) -> TrainResult:
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # started by accelerate launch / torchrun: data-parallel
+    from .distributed import world_size
+
+    if world_size() > 1:  # started by accelerate launch / torchrun: data-parallel
         from .distributed import train as train_data_parallel
 
         return train_data_parallel(cfg, resume=resume, force=force, progress=progress, log=log, warn=warn)
