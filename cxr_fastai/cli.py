@@ -543,7 +543,7 @@ def serve(
     workers: int = typer.Option(ServeConfig.workers, "--workers", min=1, max=64, help="Server processes, each with its own copy of the model and its own batching (1 suits a small machine)."),
     runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help="torch: model.safetensors (Grad-CAM and TTA available); onnx: model.onnx in onnxruntime on the CPU."),
     device: Device = typer.Option(Device.auto, help="Where to run the model (torch runtime)."),
-    threads: int = typer.Option(ServeConfig.threads, "--threads", min=0, max=256, help="The model's threads (0: half the CPU cores, at least 1; the rest decode uploads and serve HTTP)."),
+    threads: int = typer.Option(ServeConfig.threads, "--threads", min=0, max=256, help="The model's threads per worker (0: the library's default, one per physical core, as predict uses; with --workers N, the cores divided by N)."),
     decode_threads: int = typer.Option(ServeConfig.decode_threads, "--decode-threads", min=1, max=64, help="Threads that decode uploaded images."),
 ):
     """HTTP API (POST /predict, GET /model, GET /health) and a one-page UI over an exported model; Ctrl-C stops it."""

@@ -103,8 +103,9 @@ class ServeConfig:
     max_batch: int = 64            # images per forward pass when concurrent requests are batched
     batch_wait_ms: float = 5.0     # how long the batcher waits for more images after the first one
     decode_threads: int = 2        # threads that decode uploads (Pillow and pydicom drop the GIL)
-    threads: int = 0               # the model's threads (torch / onnxruntime intra-op); 0: half the CPU cores, at
-                                   # least 1: the other half decode uploads and run the event loop
+    threads: int = 0               # the model's threads (torch / onnxruntime intra-op); 0: the library's default
+                                   # (one per physical core), as predict runs: the model is most of the work;
+                                   # with workers > 1, the CPU cores divided by workers
 
 
 @dataclass(frozen=True)

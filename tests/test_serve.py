@@ -34,7 +34,7 @@ from dicom_util import PLANTED_ID, PLANTED_NAME, make_dicom
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cxr_fastai.serve.app import create_app, is_loopback  # noqa: E402
+from cxr_fastai.serve.app import create_app, is_loopback, worker_threads  # noqa: E402
 from cxr_fastai.serve.upload import clean_name  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
@@ -142,6 +142,17 @@ def test_health_model_and_page(client, tiny_model):
     assert "default-src 'none'" in page.headers["content-security-policy"]
 
     assert client.get("/docs").status_code == 404   # swagger UI would pull scripts from a CDN
+
+
+def test_model_threads_default_to_what_predict_uses(client, monkeypatch):
+    import torch
+
+    # one worker: the model thread runs with torch's own count (this thread's), as `predict` does
+    assert client.app.state.model.model_pool.submit(torch.get_num_threads).result() == torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert worker_threads(0, 1) == 0            # 0: the library's default
+    assert worker_threads(0, 2) == 4 and worker_threads(0, 3) == 2 and worker_threads(0, 16) == 1
+    assert worker_threads(3, 2) == 3            # --threads wins
 
 
 def test_predict_equals_cli_predict_and_keeps_order(client, onnx_client, tiny_model, tmp_path):

@@ -138,8 +138,10 @@ class _Model:
             self.tta_pred = copy.copy(self.pred)   # shares the model; only shrink/probs_shrunk read .tta
             self.tta_pred.tta = True
         self.decode_pool = ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="cxr-decode")
-        # one forward pass at a time, in one thread (torch's thread count is set in it: it is per thread)
-        init = (lambda: _torch_threads(cfg.threads)) if self.torch and cfg.threads else None
+        # one forward pass at a time, in one thread; torch's thread count is set in it (OpenMP keeps it per
+        # thread): --threads, else this (main) thread's count, torch's default, which `predict` runs with
+        threads = (cfg.threads or _torch_threads()) if self.torch else 0
+        init = (lambda: _torch_threads(threads)) if threads else None
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="cxr-model", initializer=init)
         wait = cfg.batch_wait_ms / 1000
         self.batcher = Batcher(lambda xs: list(self.pred.probs_shrunk(xs)), self.model_pool, cfg.max_batch, wait,
@@ -179,15 +181,13 @@ class _Model:
         self.model_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _torch_threads(n: int) -> None:
+def _torch_threads(n: int = 0) -> int:
+    """Set torch's intra-op threads of the calling thread to n (0: leave them); the count now."""
     import torch
 
-    torch.set_num_threads(n)
-
-
-def default_threads() -> int:
-    """ServeConfig.threads = 0: half the CPU cores, at least 1."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def create_app(artifact: str | Path, token: str | None = None, max_mb: float = ServeConfig.max_mb,
@@ -197,7 +197,7 @@ def create_app(artifact: str | Path, token: str | None = None, max_mb: float = S
     """The ASGI app over ARTIFACT; loads the model now (errors are CxrError, before anything listens).
 
     threads: the model's intra-op threads, set in the model thread (torch) or the onnxruntime session;
-    0 leaves the library's default (run() passes default_threads()).
+    0: the library's default, as `predict` runs (torch: one per physical core; onnxruntime: the same).
     app.state.model.batcher.batches (and .items) count the forward passes run and the images in them."""
     import contextlib
     from importlib.resources import files
@@ -397,6 +397,14 @@ def app_from_env():
     return create_app(**json.loads(os.environ[_ENV]))
 
 
+def worker_threads(threads: int, workers: int) -> int:
+    """The model's threads in each worker: --threads when given; else 0 (the library's default, as `predict`
+    runs) for one worker, and the CPU cores shared out between several (each taking all would oversubscribe)."""
+    if threads or workers <= 1:
+        return threads
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def run(artifact: str | Path, host: str = ServeConfig.host, port: int = ServeConfig.port, token: str | None = None,
         max_mb: float = ServeConfig.max_mb, workers: int = ServeConfig.workers, runtime: str = "torch",
         device: str = "auto", threads: int = ServeConfig.threads, decode_threads: int = ServeConfig.decode_threads,
@@ -407,7 +415,7 @@ def run(artifact: str | Path, host: str = ServeConfig.host, port: int = ServeCon
     check_bind(host, token)
     check_port_free(host, port)
     kw = dict(artifact=str(artifact), token=token, max_mb=max_mb, runtime=runtime, device=device,
-              threads=threads or default_threads(), decode_threads=decode_threads)
+              threads=worker_threads(threads, workers), decode_threads=decode_threads)
     app = create_app(**kw)   # loads and checks the model before anything listens
     opts = dict(host=host, port=port, access_log=False, server_header=False, proxy_headers=False,
                 log_config=_log_config(), timeout_graceful_shutdown=10)
