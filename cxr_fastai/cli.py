@@ -177,7 +177,7 @@ RECIPE = {
     "class_weights": typer.Option(D.class_weights, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
     "exclude_source": typer.Option([], "--exclude-source", help="Leave images of this labels.csv source out of train and valid (repeatable)."),
     "balance": typer.Option(Balance(D.balance), "--balance", help="Draw training images so that every class (class), every class x source stratum (class-source), or every class and within it every source (class-then-source) is seen equally often."),
-    "augment": typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch."),
+    "augment": typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch; texture: light plus per-image gamma, blur and noise."),
     "contrast": typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 SPLITS = ("train", "valid", "test")
 BALANCE = ("none", "class", "class-source", "class-then-source")
-AUGMENT = ("none", "light")
+AUGMENT = ("none", "light", "texture")
 CONTRAST = ("none", "equalize")
 RUNTIMES = ("torch", "onnx")    # predict/evaluate: the safetensors weights in PyTorch | model.onnx in onnxruntime
 
@@ -49,7 +49,8 @@ class TrainConfig:
                                    # class (or every class x source stratum, or every class and within it every
                                    # source) is seen equally often per epoch (cached path)
     augment: str = "none"          # none | light: per-image brightness, contrast (+-20%), rotation (+-5 deg) and
-                                   # zoom (up to 1.1x) on the batch, fastai's batch transforms (cached path)
+                                   # zoom (up to 1.1x) on the batch, fastai's batch transforms (cached path);
+                                   # texture: light, then per-image gamma, blur and noise
     contrast: str = "none"         # none | equalize: per-image histogram equalisation at read time, applied by
                                    # every consumer (recorded in run.json and the manifest)
 

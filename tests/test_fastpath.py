@@ -10,7 +10,7 @@ import torch
 
 from conftest import write_image
 from cxr_fastai.config import TrainConfig
-from cxr_fastai.data.augment import TTA_SCALE, random_resized_crop, tta_views
+from cxr_fastai.data.augment import TTA_SCALE, gaussian_blur, random_resized_crop, texture_jitter, tta_views
 from cxr_fastai.data.discover import check_trainable, discover, scan
 from cxr_fastai.data.loaders import build_cache, build_cached_dls, build_dls, cache_side_for
 
@@ -218,3 +218,71 @@ def test_training_crops_cover_the_same_scales_on_both_paths(tmp_path):
         mean_span[name] = (w.mean(), h.mean())
     for a, b in zip(mean_span["pil"], mean_span["cached"]):
         assert abs(a - b) < 0.05, mean_span
+
+
+def test_gaussian_blur_per_image_sigma():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((3, 1, 24, 24), generator=g)
+    y = gaussian_blur(x, torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.equal(y[0], x[0])                                    # sigma 0: the image itself
+    assert y[1].std() < x[1].std() and y[2].std() < y[1].std()        # more sigma, smoother
+    assert torch.allclose(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=0.02)   # brightness kept
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([1.0])), flat)
+
+
+def test_texture_jitter_draws_each_part_per_image():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((4, 1, 16, 16), generator=g)
+    z = torch.randn(x.shape, generator=g)
+    off = torch.ones((4, 6)) * 0.99                   # u >= p: nothing applied
+    assert torch.equal(texture_jitter(x, off, z), x)
+    u = off.clone()
+    u[1, 0], u[1, 3] = 0.0, 1.0                       # image 1: gamma on, at its maximum (1.5)
+    u[2, 1], u[2, 4] = 0.0, 1.0                       # image 2: blur on, sigma 1
+    u[3, 2], u[3, 5] = 0.0, 1.0                       # image 3: noise on, std 0.04
+    y = texture_jitter(x, u, z)
+    assert torch.equal(y[0], x[0])
+    assert torch.allclose(y[1], x[1] ** 1.5, atol=1e-6)
+    assert torch.allclose(y[2], gaussian_blur(x[2:3], torch.tensor([1.0]))[0])
+    assert torch.allclose(y[3], (x[3] + 0.04 * z[3]).clamp(0, 1))
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_texture_augment_is_seeded_train_only_and_sharded_like_one_process(small):
+    from fastai.vision.core import TensorImage
+
+    from cxr_fastai.data.cached_dl import RandomResizedCropBatch, TextureJitterBatch
+    from cxr_fastai.data.loaders import augmentations
+
+    assert isinstance(augmentations("texture")[-1], TextureJitterBatch) and augmentations("none") == []
+    with pytest.raises(ValueError, match="texture"):
+        augmentations("heavy")
+    x = TensorImage(torch.rand((4, 1, 16, 16), generator=torch.Generator().manual_seed(2)))
+    one, rank1 = TextureJitterBatch(p=1.0), TextureJitterBatch(p=1.0)
+    one.reseed(7), rank1.reseed(7)
+    rank1.shard = (1, 2)
+    full = one(x, split_idx=0)
+    assert not torch.equal(full, x)
+    assert torch.equal(rank1(x[2:], split_idx=0), full[2:])    # rank 1 of 2 gets rows 2-3 of the global batch
+    again = TextureJitterBatch(p=1.0)
+    again.reseed(7)
+    assert torch.equal(again(x, split_idx=0), full)             # same seed, same draws
+    assert torch.equal(one(x, split_idx=1), x)                  # validation: untouched
+    crop, jitter = RandomResizedCropBatch(16, 0.5), TextureJitterBatch()
+    crop.reseed(7), jitter.reseed(7)    # one loader reseeds both with the epoch's seed: different streams
+    assert not torch.equal(crop._draw(torch.rand, (4, 6), "cpu"), jitter._draw(torch.rand, (4, 6), "cpu"))
+
+    root, items, classes, stats = small
+    cfg = TrainConfig(size=32, bs=6, seed=5, augment="texture")
+    a = build_cached_dls(items, classes, stats, cfg, "cpu", _side(stats))
+    b = build_cached_dls(items, classes, stats, cfg, "cpu", _side(stats))
+    plain = build_cached_dls(items, classes, stats, cfg.replace(augment="none"), "cpu", _side(stats))
+
+
+    def first_batch(dls):
+        torch.manual_seed(0)     # light's fastai transforms draw from torch's global generator (EpochSeed seeds it)
+        return next(iter(dls.train))[0]
+
+    xa, xb, xp = first_batch(a), first_batch(b), first_batch(plain)
+    assert torch.equal(xa, xb) and not torch.equal(xa, xp)

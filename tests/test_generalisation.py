@@ -37,7 +37,7 @@ def two_site_run(two_sites, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("two_site_run") / "run"
     train(TrainConfig(data=two_sites, run=str(run), size=16, epochs=2, bs=16, widths=WIDTHS,
-                      balance="class-source", augment="light", contrast="equalize"))
+                      balance="class-source", augment="texture", contrast="equalize"))
     return run
 
 

@@ -3,7 +3,6 @@ the run that would have happened. One tiny synthetic run (16 px, narrow ResNet9)
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +179,9 @@ def test_an_epochs_batches_depend_on_seed_and_epoch_only(tiny_learn):
 
 
 def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(synth_root, tmp_path, monkeypatch):
-    """SIGINT right after epoch 1's checkpoint (as a user's Ctrl-C), then --resume: bit-identical on CPU."""
+    """KeyboardInterrupt right after epoch 1's checkpoint (what Ctrl-C raises), then --resume: bit-identical on
+    CPU. Raised directly: a signal raised in the pytest process once went unanswered in a full CI run (not
+    reproduced since); the real Ctrl-C of a real process is tests/test_resume.py's."""
     from cxr_fastai.train import callbacks
     from cxr_fastai.train.fit import train
 
@@ -190,10 +191,9 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(synth_root, t
     def interrupt_after_first(self):
         after_epoch(self)
         if self.epoch == 0:
-            signal.raise_signal(signal.SIGINT)
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", interrupt_after_first)
-    monkeypatch.setattr(signal, "getsignal", signal.getsignal)  # keep the default handler: KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(synth_root, tmp_path / "part", epochs=3))
     monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", after_epoch)

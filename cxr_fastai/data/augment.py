@@ -77,3 +77,39 @@ def tta_views(x, x_large):
         side = torch.full((b,), s, device=x_large.device, dtype=x_large.dtype)
         views.append(crop_resize(x_large, size, side, side, torch.full_like(side, cx), torch.full_like(side, cy)))
     return views
+
+
+def gaussian_blur(x, sigma):
+    """x (B, C, H, W) float, blurred with a Gaussian of its own sigma per image (sigma (B,), in pixels, 0 =
+    unchanged, at most about 1.5: the kernel is 5 taps wide); separable, reflect-padded, one grouped
+    convolution per direction for the whole batch."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    r = 2
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp_min(1e-3)[:, None]
+    k = torch.exp(-0.5 * (t[None] / s) ** 2)       # sigma 1e-3: exactly the identity kernel
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def texture_jitter(x, u, z, max_gamma: float = 1.5, max_sigma: float = 1.0, max_noise: float = 0.04,
+                   p: float = 0.5):
+    """Per-image gamma, blur and Gaussian noise on x (B, C, H, W) in [0, 1]: what differs between hospitals'
+    processing pipelines (tone curve, sharpness, noise) rather than between diseases. `u` (B, 6) uniforms
+    decide, each with probability p, a gamma in [1/max_gamma, max_gamma] (log-uniform), a blur sigma in
+    [0, max_sigma] and a noise std in [0, max_noise]; `z` is standard normal noise of x's shape."""
+    import torch
+
+    on = u[:, :3] < p
+    one, zero = torch.ones_like(u[:, 0]), torch.zeros_like(u[:, 0])
+    gamma = torch.where(on[:, 0], torch.exp((2 * u[:, 3] - 1) * math.log(max_gamma)), one)
+    sigma = torch.where(on[:, 1], u[:, 4] * max_sigma, zero)
+    std = torch.where(on[:, 2], u[:, 5] * max_noise, zero)
+    x = gaussian_blur(x.clamp(0, 1) ** gamma.view(-1, 1, 1, 1).to(x.dtype), sigma)
+    return (x + std.view(-1, 1, 1, 1).to(x.dtype) * z).clamp(0, 1)

@@ -1,5 +1,6 @@
-"""The fastai pieces of the cached path: `CachedDL` (a TfmdDL over a uint8 image cache) and
-`RandomResizedCropBatch` (per-item random crops on the batch, train only).
+"""The fastai pieces of the cached path: `CachedDL` (a TfmdDL over a uint8 image cache),
+`RandomResizedCropBatch` (per-item random crops on the batch, train only) and `TextureJitterBatch`
+(per-item gamma, blur and noise, train only).
 
 Module-level classes (not made inside functions) so that `learner.pkl` refers to them by name and
 loads in any process that can import cxr_fastai. Importing this module imports fastai.
@@ -15,7 +16,7 @@ from fastai.torch_core import TensorCategory
 from fastai.vision.augment import RandTransform
 from fastai.vision.core import TensorImage
 
-from .augment import random_resized_crop
+from .augment import random_resized_crop, texture_jitter
 from .types import CxrTensorImage
 
 
@@ -24,42 +25,67 @@ def seed_for(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**63
 
 
-class RandomResizedCropBatch(RandTransform):
-    """RandomResizedCrop for a whole batch on its device, a different crop for every image (fastai's
-    `RandomResizedCropGPU` draws one crop per batch). Train only (split_idx=0): validation images are
-    already squashed to size x size. Antialiased (see `augment.crop_resize`). Draws come from a
-    generator on the batch's device, reseeded per epoch by `CachedDL` (`reseed`): no host sync, and
-    epoch k's crops depend only on (seed, k). Data-parallel (`shard` = (this process, processes)): every
-    process draws for the whole global batch and keeps its own rows, so each image gets the crop the
-    one-process run would have given it."""
-    split_idx, order = 0, 30  # after IntToFloatTensor (10), before Normalize (99), as fastai's GPU crop
+class SeededBatchTransform(RandTransform):
+    """A train-only batch transform whose draws come from its own generator on the batch's device, reseeded
+    per epoch by `CachedDL` (`reseed`): no host sync, and epoch k's draws depend only on (seed, k).
+    Data-parallel (`shard` = (this process, processes)): every process draws for the whole global batch and
+    keeps its own rows, so each image gets what the one-process run would have given it."""
+    split_idx = 0
     shard = (0, 1)  # (rank, world size); set for a data-parallel fit only (train.distributed)
+    stream = 0      # added to the epoch's seed: transforms of one loader draw from different streams
 
-    def __init__(self, size: int, min_scale: float, ratio=(3 / 4, 4 / 3), **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(p=1.0, **kwargs)
-        self.size, self.min_scale, self.ratio = int(size), float(min_scale), tuple(ratio)
         self._seed, self._gen = 0, None
 
     def reseed(self, seed: int) -> None:
-        self._seed, self._gen = int(seed), None
+        self._seed, self._gen = (int(seed) + self.stream) % 2**63, None
 
-    def _draws(self, n: int, device) -> torch.Tensor:
+    def _draw(self, fn, shape, device) -> torch.Tensor:
+        """fn(global shape) (torch.rand / torch.randn) from this transform's generator; this process's rows
+        rank*n .. (rank+1)*n of a global batch of n*world images (one process: all)."""
         if self._gen is None or self._gen.device != torch.device(device):
             # a CUDA generator's device reads cuda:0 where the tensor says cuda: compare by type and index
             self._gen = torch.Generator(device=device).manual_seed(self._seed)
-        # this process holds rows rank*n .. (rank+1)*n of a global batch of n*world images (one process: all)
-        rank, world = self.shard
-        return torch.rand((n * world, 4), generator=self._gen, device=device)[rank * n:(rank + 1) * n]
-
-    def encodes(self, x: TensorImage):
-        u = self._draws(x.shape[0], x.device)
-        return TensorImage(random_resized_crop(x, self.size, self.min_scale, u, self.ratio)).as_subclass(type(x))
+        n, (rank, world) = shape[0], self.shard
+        return fn((n * world, *shape[1:]), generator=self._gen, device=device)[rank * n:(rank + 1) * n]
 
     def __getstate__(self):  # the generator and the shard are state of one process, not of the transform
         d = dict(self.__dict__)
         d["_gen"] = None
         d.pop("shard", None)
         return d
+
+
+class RandomResizedCropBatch(SeededBatchTransform):
+    """RandomResizedCrop for a whole batch on its device, a different crop for every image (fastai's
+    `RandomResizedCropGPU` draws one crop per batch). Train only: validation images are already squashed to
+    size x size. Antialiased (see `augment.crop_resize`)."""
+    order = 30  # after IntToFloatTensor (10), before Normalize (99), as fastai's GPU crop
+
+    def __init__(self, size: int, min_scale: float, ratio=(3 / 4, 4 / 3), **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.min_scale, self.ratio = int(size), float(min_scale), tuple(ratio)
+
+    def encodes(self, x: TensorImage):
+        u = self._draw(torch.rand, (x.shape[0], 4), x.device)
+        return TensorImage(random_resized_crop(x, self.size, self.min_scale, u, self.ratio)).as_subclass(type(x))
+
+
+class TextureJitterBatch(SeededBatchTransform):
+    """Per-image gamma, blur and noise (`augment.texture_jitter`), train only: `--augment texture`."""
+    order, stream = 60, 1_000_003  # after the crop and fastai's lighting/affine transforms, before Normalize
+
+    def __init__(self, max_gamma: float = 1.5, max_sigma: float = 1.0, max_noise: float = 0.04, p: float = 0.5,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.max_gamma, self.max_sigma, self.max_noise, self.prob = max_gamma, max_sigma, max_noise, p
+
+    def encodes(self, x: TensorImage):
+        u = self._draw(torch.rand, (x.shape[0], 6), x.device)
+        z = self._draw(torch.randn, tuple(x.shape), x.device)
+        y = texture_jitter(x, u, z, self.max_gamma, self.max_sigma, self.max_noise, self.prob)
+        return TensorImage(y).as_subclass(type(x))
 
 
 class CachedDL(TfmdDL):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pandas as pd
 
-from ..config import BALANCE, TrainConfig
+from ..config import AUGMENT, BALANCE, TrainConfig
 from ..errors import DataError
 from ..io.files import content_key
 from ..io.images import apply_contrast, decode_many, squash
@@ -140,16 +140,23 @@ def make_datablock(classes: Sequence[str], stats: PixelStats, size: int, min_sca
 
 
 def augmentations(kind: str) -> list:
-    """Batch augmentation on the device, per image, after the crop: fastai's own transforms. "light":
+    """Batch augmentation on the device, per image, after the crop. "light" (fastai's own transforms):
     rotation up to 5 degrees and zoom up to 1.1x (one affine resample), brightness and contrast up to 20%,
-    each applied to 3 images in 4. No flips: a chest is not left-right symmetric."""
+    each applied to 3 images in 4. No flips: a chest is not left-right symmetric. "texture": light, then
+    per-image gamma (0.67-1.5), blur (sigma up to 1 px) and noise (std up to 4% of the range), each on half
+    the images: the tone curve, sharpness and noise are what hospitals' processing pipelines differ in."""
+    if kind not in AUGMENT:
+        raise ValueError(f"unknown augmentation {kind!r}; use one of {', '.join(AUGMENT)}")
     if kind == "none":
         return []
-    if kind == "light":
-        from fastai.vision.augment import aug_transforms
+    from fastai.vision.augment import aug_transforms
 
-        return aug_transforms(do_flip=False, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2, max_warp=0.0)
-    raise ValueError(f"unknown augmentation {kind!r}; use none or light")
+    light = aug_transforms(do_flip=False, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2, max_warp=0.0)
+    if kind == "light":
+        return light
+    from .cached_dl import TextureJitterBatch
+
+    return [*light, TextureJitterBatch()]
 
 
 def sampling_weights(train: pd.DataFrame, balance: str):
