@@ -120,10 +120,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo-out"
-    n_train: int = 240             # synthetic images per class in train
+    n_train: int = 180             # synthetic images per class in train
     image_size: int = 64           # px of the synthetic PNGs
     size: int = 32                 # px the model sees
-    epochs: int = 8
+    epochs: int = 6
     bs: int = 64
     lr: float = 4e-3
     seed: int = 0
