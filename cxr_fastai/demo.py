@@ -48,8 +48,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = lambda
                            seed=cfg.seed)
     run = out / "run"
     tcfg = TrainConfig(data=str(data), run=str(run), size=cfg.size, epochs=cfg.epochs, bs=cfg.bs, lr=cfg.lr,
-                       seed=cfg.seed, device="cpu")
-    log(f"training ResNet9 at {cfg.size} px for {cfg.epochs} epochs")
+                       seed=cfg.seed, widths=cfg.widths, device="cpu")
+    log(f"training ResNet9 (widths {'-'.join(map(str, cfg.widths))}) at {cfg.size} px for {cfg.epochs} epochs")
     train(tcfg, force=True, log=log, warn=warn)
     log("interpreting the validation set")
     report = interpret_run(run, k=12, device="cpu")
