@@ -316,9 +316,15 @@ def test_a_crashing_process_ends_the_job_and_the_run_resumes_in_one(synth, narro
 
 @pytest.mark.slow
 def test_procs_shortcut_trains_and_ctrl_c_stops_every_process(synth, tmp_path):
-    """`cxr-fastai train --procs 2` (the real CLI, default widths at 16 px): the launcher's run trains in two
-    processes (its first epoch saved, validation scored once), and Ctrl-C then stops the launcher and both
-    processes with 130 and the resume hint. (A data-parallel run to its end is test_two_processes_...)"""
+    """`cxr-fastai train --procs 2` (the real CLI, default widths at 16 px): one run, then Ctrl-C on a second
+    run once its first epoch is saved stops the launcher and both processes with 130 and the resume hint."""
+    run = tmp_path / "run"
+    r, _ = _run([sys.executable, "-m", "cxr_fastai", "train", str(synth), "--run", str(run), "--epochs", "1",
+                 "--procs", "2", *RECIPE], _env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["finished"] and meta["data_parallel"]["processes"] == 2 and meta["valid_n"] == 15
+
     run2 = tmp_path / "run2"
     proc = subprocess.Popen([sys.executable, "-m", "cxr_fastai", "train", str(synth), "--run", str(run2), "--epochs",
                              "40", "--procs", "2", *RECIPE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -342,4 +348,3 @@ def test_procs_shortcut_trains_and_ctrl_c_stops_every_process(synth, tmp_path):
     assert "interrupted" in err and "--resume" in err
     meta = json.loads((run2 / "run.json").read_text())
     assert 1 <= meta["epochs_done"] < 40 and (run2 / "checkpoints" / "last.pth").is_file()
-    assert meta["data_parallel"]["processes"] == 2 and meta["valid_n"] == 15 and not meta.get("finished")
