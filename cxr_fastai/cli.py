@@ -330,7 +330,7 @@ def predict(
 def evaluate(
     artifact: Path = typer.Argument(..., help="An exported model folder."),
     data: List[Path] = typer.Argument(..., help="Labelled images: one or more roots, each in any layout `train` accepts."),
-    split: str = typer.Option(EvalConfig.split, "--split", help="train, valid, test or a labels.csv split name of your own (e.g. external), where the layout has splits; otherwise all images count."),
+    split: str = typer.Option(EvalConfig.split, "--split", help="train, valid, test, all (every split) or a labels.csv split name of your own (e.g. external), where the layout has splits; otherwise all images count."),
     out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON path (default: print to stdout)."),
     bs: int = typer.Option(PredictConfig.bs, min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),

@@ -371,3 +371,7 @@ def test_evaluate_counts_and_warns_about_training_images(trained):
     res = evaluate(trained["art"], trained["ds"], split="valid", cfg=cfg, ecfg=ecfg, warn=warned.append)
     assert res.seen_in_training == 1 and res.n == 7   # only the planted copy
     assert any(w.startswith("1 of the 7 evaluated images") for w in warned), warned
+    from cxr_fastai.data.discover import discover
+
+    res = evaluate(trained["art"], trained["ds"], split="all", cfg=cfg, ecfg=ecfg)   # every split at once
+    assert res.split == "all" and res.n == len(discover(trained["ds"]).items) == 19 and res.seen_in_training == 13

@@ -50,7 +50,8 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
     used_split: str | None = None
     if ds.split_given:
         used_split = split
-        items = items[items.split == split]
+        if split != "all" or "all" in set(items.split):   # a split of the user's own named "all" wins
+            items = items[items.split == split]
         if len(items) == 0:
             have = ", ".join(sorted(ds.items.split.unique()))
             raise DataError(f"{ds.where}: no images in split {split!r} (splits present: {have}); pick one with --split")
