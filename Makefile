@@ -22,8 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cxr-fastai demo
 
+# two pytest-xdist workers, a test file each at a time (module fixtures are built once); one thread each
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra --durations=25
+	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow"

@@ -23,6 +23,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # under pytest-xdist (`make test` runs two workers on the two cores) each worker, and every process a test
+    # starts, gets one thread: two workers at two threads each would oversubscribe the cores
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def cxr3_path() -> Path:
     return Path(os.environ.get("CXR_DATA", REPO.parent / "shared" / "data" / "cxr3"))
 
