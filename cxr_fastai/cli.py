@@ -496,6 +496,7 @@ def crossval_cmd(
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation when scoring (6x the compute)."),
+    fold: List[str] = typer.Option([], "--fold", help="Compute only this fold (a held-out source's name, its folder name holdout-NAME, or pooled); repeatable. The others stay pending: several machines or sessions can share one --out."),
     force: bool = typer.Option(False, "--force", help="Start the series again (removes OUT/folds and the summaries)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ):
@@ -510,7 +511,7 @@ def crossval_cmd(
         cfg = CrossvalConfig(by=by.value, split=split.value, all_sources=all_sources, pooled=pooled, n_boot=n_boot)
         pcfg = PredictConfig(device=device.value, tta=tta)
         res = crossval(tcfg, out, cfg, pcfg=pcfg, force=force, progress=not quiet and sys.stderr.isatty(),
-                       log=_quiet_log(quiet), warn=_warn)
+                       only=fold, log=_quiet_log(quiet), warn=_warn)
         files = write_crossval(res)
     for f in res.folds:
         if f.status == "done":
@@ -518,7 +519,7 @@ def crossval_cmd(
             typer.echo(f"{f.name:>24}: n {f.n:>6}, accuracy {f.accuracy:.3f}, balanced accuracy {f.balanced_accuracy:.3f}"
                        + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
         else:
-            typer.echo(f"{f.name:>24}: skipped ({f.reason})")
+            typer.echo(f"{f.name:>24}: {f.status} ({f.reason})")
     s = res.summary()
     if s["held_out_balanced_accuracy_mean"] is not None:
         typer.echo(f"mean held-out balanced accuracy {s['held_out_balanced_accuracy_mean']:.3f} over "

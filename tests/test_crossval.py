@@ -160,6 +160,35 @@ def test_interrupted_fold_resumes_its_run(series, roots, tmp_path):
     assert again.folds[2].status == "done" and (fold / "result.json").is_file()
 
 
+@pytest.mark.slow
+def test_fold_selection_computes_only_those_folds_and_reports_the_rest_pending(series, roots, tmp_path, monkeypatch):
+    """--fold: one machine or session per fold on one --out; a finished run in a selected fold is only
+    exported and scored, an unselected fold with no result stays untouched and is reported as pending."""
+    import shutil
+
+    from cxr_fastai.errors import CxrError
+    from cxr_fastai.evaluate.crossval import crossval, crossval_markdown
+
+    copy = tmp_path / "out"
+    shutil.copytree(series.out, copy)
+    (copy / "folds" / "holdout-site_a" / "result.json").unlink()
+    shutil.rmtree(copy / "folds" / "holdout-site_b")
+    _no_training(monkeypatch)
+    with pytest.raises(CxrError, match="--fold 'site_x': not a fold of this series"):
+        crossval(_tcfg(roots), copy, _ccfg(), only=("site_x",))
+    res = crossval(_tcfg(roots), copy, _ccfg(), only=("site_a",))   # a source name selects its fold
+    assert [f.status for f in res.folds] == ["done", "pending", "done", "done"]
+    assert res.folds[0].balanced_accuracy == series.res.folds[0].balanced_accuracy
+    assert (copy / "folds" / "holdout-site_a" / "result.json").is_file()
+    assert not (copy / "folds" / "holdout-site_b").exists() and [f.name for f in res.pending] == ["holdout-site_b"]
+    md = crossval_markdown(res)
+    assert "| holdout-site_b | site_b | all |  | not computed yet |" in md and "--fold holdout-site_b" in md
+    r = cli("crossval", *roots, "--out", copy, "--size", 16, "--epochs", 1, "--bs", 16, "--device", "cpu",
+            "--set", "widths=8,16,16,32", "--n-boot", 100, "-q", "--fold", "pooled")
+    assert r.exit_code == 0, r.output
+    assert "holdout-site_b: pending (not computed yet" in r.stdout
+
+
 def test_one_source_is_a_clear_error(tmp_path):
     from cxr_fastai.errors import CxrError
     from cxr_fastai.evaluate.crossval import crossval

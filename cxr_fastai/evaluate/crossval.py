@@ -11,6 +11,8 @@ Layout of the output folder (resumable: a rerun with the same config skips the f
   folds/NAME/run/               the fold's training run (resumed when interrupted)
   folds/NAME/model/             its exported artifact
   folds/NAME/result.json        its metrics: once this exists, the fold is done
+A call may compute only some folds (`only`: e.g. one fold per machine, the same --out on shared disk, or
+one fold per session); the others are reported as pending until a call computes them.
   crossval.json / .md / .png    the summary, written by `write_crossval`
 
 `crossval` only trains, evaluates and keeps the per-fold state; it prints nothing (progress goes to `log`).
@@ -55,7 +57,7 @@ class FoldResult:
     name: str                       # folder name under folds/
     kind: str                       # "source" (one source held out) | "pooled" (trained on everything)
     held_out: str | None            # the held-out source (None for the pooled fold)
-    status: str                     # "done" | "skipped"
+    status: str                     # "done" | "skipped" | "pending" (not computed yet: another call's `only`)
     reason: str = ""                # why it was skipped, or notes on a done fold (labels left out...)
     split: str = ""                 # the evaluated split(s)
     n: int = 0                      # images evaluated
@@ -109,7 +111,11 @@ class CrossvalResult:
 
     @property
     def skipped(self) -> list[FoldResult]:
-        return [f for f in self.folds if f.status != "done"]
+        return [f for f in self.folds if f.status == "skipped"]
+
+    @property
+    def pending(self) -> list[FoldResult]:
+        return [f for f in self.folds if f.status == "pending"]
 
     def summary(self) -> dict[str, Any]:
         bas = [f.balanced_accuracy for f in self.source_folds if f.status == "done" and f.balanced_accuracy is not None]
@@ -257,9 +263,11 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str:
 
 def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalConfig(), *,
              pcfg: PredictConfig = PredictConfig(), force: bool = False, progress: bool = False,
-             log: Log = _noop, warn: Log = _noop) -> CrossvalResult:
+             only: Sequence[str] = (), log: Log = _noop, warn: Log = _noop) -> CrossvalResult:
     """Run (or resume) a leave-one-source-out series over `tcfg.data`; `tcfg` is the recipe of every fold
-    (its `run` is ignored; `exclude_sources` are left out of every fold). Per-fold state goes under `out`."""
+    (its `run` is ignored; `exclude_sources` are left out of every fold). Per-fold state goes under `out`.
+    `only`: compute just these folds (their folder names, or held-out source names); the others not done
+    yet are reported as pending. Which folds a call computes is not part of the series config."""
     from ..data.discover import discover
 
     t0 = time.perf_counter()
@@ -271,6 +279,12 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
     if unknown:
         raise DataError(f"{ds.where}: no images from source {unknown[0]!r} to exclude")
     folds = plan_folds(ds.items, cfg, tcfg.exclude_sources, ds.where)
+    by_name = {**{f.held_out: f.name for f in folds if f.held_out}, **{f.name: f.name for f in folds}}
+    unknown = [o for o in only if o not in by_name]
+    if unknown:
+        raise CxrError(f"crossval --fold {unknown[0]!r}: not a fold of this series (folds: "
+                       f"{', '.join(f.name for f in folds)}; a held-out source's name works too)")
+    only = tuple(dict.fromkeys(by_name[o] for o in only))
     blank = int((ds.items.source == "").sum())
     if blank:
         warn(f"{blank} image(s) have no source: they are in every fold's training and never held out")
@@ -280,7 +294,8 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
     write_json(out / CONFIG_FILE, config)
     roots = tuple(str(r) for r in ds.roots)
 
-    todo = [f for f in folds if not f.skip and not (out / "folds" / f.name / RESULT_FILE).is_file()]
+    todo = [f for f in folds if not f.skip and not (out / "folds" / f.name / RESULT_FILE).is_file()
+            and (not only or f.name in only)]
     log(f"crossval: {len(folds)} fold(s) over {len(roots)} root(s): "
         + ", ".join(f.name for f in folds) + f"; {len(todo)} to compute")
     results: list[FoldResult] = []
@@ -300,6 +315,11 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
                 continue
             except (ValueError, TypeError) as e:
                 warn(f"{rfile}: damaged ({e}); computing the fold again")
+        if only and f.name not in only:
+            log(f"[{i}/{len(folds)}] {f.name}: pending (not among --fold {', '.join(only)})")
+            results.append(FoldResult(f.name, f.kind, f.held_out, "pending",
+                                      "not computed yet: rerun without --fold, or with --fold " + f.name, split=f.split))
+            continue
         what = f"hold out {f.held_out!r}" if f.kind == "source" else "train on every source"
         log(f"[{i}/{len(folds)}] {f.name}: start ({what}; {f.n_fit} train+valid images, {len(f.eval_items)} to evaluate)")
         t_fold = time.perf_counter()
@@ -318,7 +338,8 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
         msg = (f"[{i}/{len(folds)}] {f.name}: end in {res.seconds:.0f} s"
                + (f": {res.n} images, accuracy {_fmt(res.accuracy)}, balanced accuracy {_fmt(res.balanced_accuracy)}"
                   if res.status == "done" else " (skipped)"))
-        left = [g for g in folds[i:] if not g.skip and not (out / "folds" / g.name / RESULT_FILE).is_file()]
+        left = [g for g in folds[i:] if not g.skip and not (out / "folds" / g.name / RESULT_FILE).is_file()
+                and (not only or g.name in only)]
         if left and fitted:
             eta = spent / fitted * sum(g.n_fit for g in left)
             msg += f"; about {fmt_seconds(eta)} left for {len(left)} more fold(s)"
@@ -457,7 +478,8 @@ def crossval_markdown(res: CrossvalResult) -> str:
     for f in res.folds:
         held = f.held_out if f.kind == "source" else "none (every source)"
         if f.status != "done":
-            cells = [f.name, held, f.split, "", "skipped", "", *["" for _ in classes], ""]
+            cells = [f.name, held, f.split, "", "not computed yet" if f.status == "pending" else "skipped", "",
+                     *["" for _ in classes], ""]
         else:
             sens = [_ci(f.sensitivity[c]["value"], f.sensitivity[c]["ci95"]) if c in f.sensitivity else "n/a (not a class)"
                     for c in classes]
