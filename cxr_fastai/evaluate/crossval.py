@@ -11,9 +11,9 @@ Layout of the output folder (resumable: a rerun with the same config skips the f
   folds/NAME/run/               the fold's training run (resumed when interrupted)
   folds/NAME/model/             its exported artifact
   folds/NAME/result.json        its metrics: once this exists, the fold is done
+  crossval.json / .md / .png    the summary, written by `write_crossval`
 A call may compute only some folds (`only`: e.g. one fold per machine, the same --out on shared disk, or
 one fold per session); the others are reported as pending until a call computes them.
-  crossval.json / .md / .png    the summary, written by `write_crossval`
 
 `crossval` only trains, evaluates and keeps the per-fold state; it prints nothing (progress goes to `log`).
 """
