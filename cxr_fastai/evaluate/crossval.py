@@ -502,7 +502,7 @@ def crossval_figure(res: CrossvalResult):
     from matplotlib.figure import Figure
 
     done = [f for f in res.source_folds if f.status == "done" and f.balanced_accuracy is not None]
-    fig = Figure(figsize=(max(5.0, 1.1 * len(done) + 3), 4.2), dpi=100)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(done) + 3), 4.4), dpi=100)
     ax = fig.add_subplot()
     x = np.arange(len(done))
     ba = np.array([f.balanced_accuracy for f in done], dtype=float)
@@ -524,9 +524,10 @@ def crossval_figure(res: CrossvalResult):
     ax.set_xlim(-0.6, max(len(done) - 0.4, 0.6))
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("balanced accuracy")
-    ax.set_title("Leave-one-source-out: balanced accuracy on the held-out source")
+    ax.set_title("Leave-one-source-out: balanced accuracy on the held-out source"
+                 + (f"\n({len(res.pending)} fold(s) not computed yet)" if res.pending else ""), fontsize=10)
     if not done:
-        ax.text(0.5, 0.5, "no held-out fold finished", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no held-out fold finished yet", ha="center", va="center", transform=ax.transAxes)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
