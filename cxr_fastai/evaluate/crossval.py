@@ -294,8 +294,10 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
     write_json(out / CONFIG_FILE, config)
     roots = tuple(str(r) for r in ds.roots)
 
-    todo = [f for f in folds if not f.skip and not (out / "folds" / f.name / RESULT_FILE).is_file()
-            and (not only or f.name in only)]
+    def to_compute(f: _Fold) -> bool:   # this call trains or scores it
+        return not f.skip and not (out / "folds" / f.name / RESULT_FILE).is_file() and (not only or f.name in only)
+
+    todo = [f for f in folds if to_compute(f)]
     log(f"crossval: {len(folds)} fold(s) over {len(roots)} root(s): "
         + ", ".join(f.name for f in folds) + f"; {len(todo)} to compute")
     results: list[FoldResult] = []
@@ -338,8 +340,7 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
         msg = (f"[{i}/{len(folds)}] {f.name}: end in {res.seconds:.0f} s"
                + (f": {res.n} images, accuracy {_fmt(res.accuracy)}, balanced accuracy {_fmt(res.balanced_accuracy)}"
                   if res.status == "done" else " (skipped)"))
-        left = [g for g in folds[i:] if not g.skip and not (out / "folds" / g.name / RESULT_FILE).is_file()
-                and (not only or g.name in only)]
+        left = [g for g in folds[i:] if to_compute(g)]
         if left and fitted:
             eta = spent / fitted * sum(g.n_fit for g in left)
             msg += f"; about {fmt_seconds(eta)} left for {len(left)} more fold(s)"
