@@ -28,7 +28,7 @@ def grad_cam_maps(model, x, targets: Sequence[int] | None = None) -> np.ndarray:
         with torch.inference_mode(False), torch.enable_grad():
             x = x.float()
             feats = model.forward_features(x).detach().requires_grad_(True)   # (B, C, h, w)
-            logits = model.head(feats.amax((2, 3)))
+            logits = model.head(model.pool(feats))
             idx = logits.argmax(1) if targets is None else torch.as_tensor(list(targets), device=logits.device)
             (g,) = torch.autograd.grad(logits.gather(1, idx.long()[:, None]).sum(), feats)
         w = g.mean((2, 3), keepdim=True)                                          # (B, C, 1, 1)

@@ -54,7 +54,14 @@ class ResNet9(nn.Module):
         """(B, n_in, H, W) -> (B, w3, H/8, W/8): the last feature map (Grad-CAM reads it)."""
         return self.layer3(self.layer2(self.layer1(self.prep(x))))
 
+    @staticmethod
+    def pool(feats: torch.Tensor) -> torch.Tensor:
+        """(B, w3, h, w) -> (B, w3): global max pool, any input size."""
+        return feats.amax((2, 3))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_in, H, W) -> (B, w3): the features the head reads."""
+        return self.pool(self.forward_features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = x.amax((2, 3))  # (B, w3): global max pool, any input size
-        return self.head(x)
+        return self.head(self.embed(x))

@@ -1,0 +1,195 @@
+"""Last-layer retraining against source shortcuts: does a re-fitted head fix what the features already hold?
+
+Deep feature reweighting (Kirichenko, Izmailov & Wilson, "Last layer re-training is sufficient for
+robustness to spurious correlations", ICLR 2023) keeps a trained network's features and fits only its
+last linear layer again on data in which the shortcut no longer pays, e.g. every (class, source) stratum
+equally weighted. It costs one forward pass over the data instead of a training. Here:
+
+  1. the exported model's pooled features (what its head reads) for every train/valid/test image of the
+     roots, each image preprocessed as predict does (contrast step, squashed to the model's size);
+  2. a multinomial logistic regression on the standardised train features for every weighting in the grid:
+     the training loader's own sampling weights (`--balance` class-source or class-then-source), tempered
+     by an exponent alpha (0: unweighted, 1: fully balanced), and every L2 strength C;
+  3. the choice, on validation only: the highest worst-source balanced accuracy among the heads whose
+     pooled validation accuracy is within --max-drop of the trained head's;
+  4. test figures (bootstrap 95% intervals, per source) of the trained head and the chosen one.
+
+    python benchmarks/last_layer.py ARTIFACT [DATA ...] [--features F.npz] [--max-drop 0.01] [--json OUT]
+
+DATA defaults to cxr3 and cxr3-adult beside the repository ($CXR_DATA_ROOT for their parent folder).
+--features keeps the features between runs (an .npz; recomputed when its items differ). Nothing else is
+written; no model is changed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BALANCES = ("class-source", "class-then-source")
+ALPHAS = (0.25, 0.5, 0.75, 1.0)
+CS = (0.001, 0.003, 0.01, 0.03)
+
+
+def default_roots() -> list[Path]:
+    parent = Path(os.environ.get("CXR_DATA_ROOT", REPO.parent / "shared" / "data"))
+    return [parent / "cxr3", parent / "cxr3-adult"]
+
+
+def features(model, art, paths: list[str], bs: int = 256, workers: int = 2) -> np.ndarray:
+    """The head's input for every path, preprocessed as the torch Predictor does (no TTA)."""
+    import torch
+
+    from cxr_fastai.data.augment import to_model_input
+    from cxr_fastai.io.images import apply_contrast, decode_many, squash
+
+    out = np.zeros((len(paths), model.head.in_features), np.float32)
+    t0, batch, idx = time.time(), [], []
+
+    def shrink(a):
+        return squash(apply_contrast(a, art.contrast), art.size)
+
+    def flush():
+        with torch.inference_mode():
+            out[idx] = model.embed(to_model_input(batch, art.mean, art.std, "cpu")).numpy()
+        batch.clear(), idx.clear()
+
+    for i, arr, err in decode_many(paths, workers=workers, fn=shrink):
+        if arr is None:
+            raise SystemExit(f"{paths[i]}: {err}")
+        batch.append(arr), idx.append(i)
+        if len(batch) == bs:
+            flush()
+        if (i + 1) % 2560 == 0:
+            print(f"  features {i + 1}/{len(paths)} ({(i + 1) / (time.time() - t0):.0f} img/s)", file=sys.stderr, flush=True)
+    if batch:
+        flush()
+    return out
+
+
+def worst_source(pred: np.ndarray, y: np.ndarray, src: np.ndarray) -> tuple[str, float]:
+    """The source with the lowest balanced accuracy (mean sensitivity over the classes it holds)."""
+    def bal(s):
+        m = src == s
+        return float(np.mean([np.mean(pred[m & (y == k)] == k) for k in np.unique(y[m])]))
+    return min(((s, bal(s)) for s in np.unique(src)), key=lambda t: t[1])
+
+
+def summary(m) -> dict:
+    """The figures a row of the comparison needs, from compute_metrics."""
+    d = m.to_dict()
+    return {"n": d["n"], "accuracy": d["accuracy"], "accuracy_ci95": d["ci95"]["accuracy"],
+            "balanced_accuracy": d["balanced_accuracy"], "balanced_accuracy_ci95": d["ci95"]["balanced_accuracy"],
+            "per_source": d["per_source"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("data", type=Path, nargs="*")
+    ap.add_argument("--features", type=Path, help="cache the features here (.npz)")
+    ap.add_argument("--max-drop", type=float, default=0.01, help="pooled valid accuracy a head may lose")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    a = ap.parse_args(argv)
+
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from cxr_fastai.artifact.export import load_model, read_manifest
+    from cxr_fastai.data.discover import discover
+    from cxr_fastai.data.loaders import sampling_weights
+    from cxr_fastai.metrics import compute_metrics
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    roots = a.data or default_roots()
+    art = read_manifest(a.artifact)
+    model = load_model(art).eval()
+    items = discover(roots).items
+    items = items[items.split.isin(["train", "valid", "test"]) & items.label.isin(art.classes)].reset_index(drop=True)
+    paths = items.path.astype(str).tolist()
+
+    if a.features and a.features.is_file() and np.load(a.features)["paths"].tolist() == paths:
+        F = np.load(a.features)["feats"]
+    else:
+        t0 = time.time()
+        F = features(model, art, paths)
+        print(f"features: {len(paths)} images in {time.time() - t0:.0f} s", file=sys.stderr)
+        if a.features:
+            np.savez(a.features, feats=F, paths=np.array(paths))
+
+    y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
+    src = items.source.astype(str).to_numpy()
+    tr, va, te = ((items.split == s).to_numpy() for s in ("train", "valid", "test"))
+    W, b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
+    logits = F @ W.T + b
+    p0 = np.exp(logits - logits.max(1, keepdims=True))
+    p0 /= p0.sum(1, keepdims=True)
+
+    def valid_row(p):
+        pred = p.argmax(1)
+        ws, wb = worst_source(pred[va], y[va], src[va])
+        return {"worst_source": ws, "worst_balanced_accuracy": wb, "pooled_accuracy": float(np.mean(pred[va] == y[va]))}
+
+    base = valid_row(p0)
+    print(f"trained head: valid worst source {base['worst_source']} {base['worst_balanced_accuracy']:.3f}, "
+          f"pooled valid accuracy {base['pooled_accuracy']:.3f}")
+    scaler = StandardScaler().fit(F[tr])
+    Z = scaler.transform(F)
+    rows, best = [], None
+    for balance in BALANCES:
+        w_full = sampling_weights(items[tr], balance)
+        for alpha in ALPHAS:
+            w = w_full ** alpha
+            w *= len(w) / w.sum()
+            for C in CS:
+                lr = LogisticRegression(C=C, max_iter=3000).fit(Z[tr], y[tr], sample_weight=w)
+                p = lr.predict_proba(Z)
+                row = {"balance": balance, "alpha": alpha, "C": C, **valid_row(p)}
+                row["allowed"] = row["pooled_accuracy"] >= base["pooled_accuracy"] - a.max_drop
+                rows.append(row)
+                print(f"  {balance:17s} alpha {alpha:<4} C {C:<6} valid worst {row['worst_source']} "
+                      f"{row['worst_balanced_accuracy']:.3f}  pooled {row['pooled_accuracy']:.3f}"
+                      f"{'' if row['allowed'] else '  (drops more than --max-drop)'}", flush=True)
+                if row["allowed"] and (best is None or row["worst_balanced_accuracy"] > best[0]["worst_balanced_accuracy"]):
+                    best = (row, p)
+    result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "valid_trained_head": base, "grid": rows}
+    heads = [("trained head", p0)]
+    if best is None:
+        print("no re-fitted head keeps pooled valid accuracy within --max-drop")
+    else:
+        result["chosen"] = best[0]
+        heads.append((f"re-fitted head ({best[0]['balance']}, alpha {best[0]['alpha']}, C {best[0]['C']})", best[1]))
+        print(f"chosen on validation: {heads[-1][0]}")
+    result["test"] = {}
+    for name, p in heads:
+        per_root = {}
+        for root in roots:
+            m = te & items.path.astype(str).str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
+            if m.any():
+                per_root[Path(root).name] = summary(compute_metrics(y[m], p[m], art.classes, sources=src[m].tolist()))
+        result["test"][name] = per_root
+        print(f"test, {name}:")
+        for root, s in per_root.items():
+            lo, hi = s["accuracy_ci95"]
+            print(f"  {root}: accuracy {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], balanced {s['balanced_accuracy']:.3f} (n={s['n']})")
+            for so, f in s["per_source"].items():
+                sens = ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_sensitivity"].items() if v is not None)
+                print(f"    {so} (n={f['n']}): accuracy {f['accuracy']:.3f}, balanced {f['balanced_accuracy']:.3f}; {sens}")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
