@@ -75,12 +75,12 @@ def features(model, art, paths: list[str], bs: int = 256, workers: int = 2) -> n
     return out
 
 
-def worst_source(pred: np.ndarray, y: np.ndarray, src: np.ndarray) -> tuple[str, float]:
-    """The source with the lowest balanced accuracy (mean sensitivity over the classes it holds)."""
+def by_source(pred: np.ndarray, y: np.ndarray, src: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy (mean sensitivity over the classes it holds) of every source, worst first."""
     def bal(s):
         m = src == s
         return float(np.mean([np.mean(pred[m & (y == k)] == k) for k in np.unique(y[m])]))
-    return min(((s, bal(s)) for s in np.unique(src)), key=lambda t: t[1])
+    return dict(sorted(((str(s), bal(s)) for s in np.unique(src)), key=lambda t: t[1]))
 
 
 def summary(m) -> dict:
@@ -138,8 +138,10 @@ def main(argv=None) -> int:
 
     def valid_row(p):
         pred = p.argmax(1)
-        ws, wb = worst_source(pred[va], y[va], src[va])
-        return {"worst_source": ws, "worst_balanced_accuracy": wb, "pooled_accuracy": float(np.mean(pred[va] == y[va]))}
+        per = by_source(pred[va], y[va], src[va])
+        ws = next(iter(per))
+        return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": float(np.mean(pred[va] == y[va])),
+                "balanced_accuracy_by_source": per}
 
     base = valid_row(p0)
     print(f"trained head: valid worst source {base['worst_source']} {base['worst_balanced_accuracy']:.3f}, "
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
         result["chosen"] = best[0]
         heads.append((f"re-fitted head ({best[0]['balance']}, alpha {best[0]['alpha']}, C {best[0]['C']})", best[1]))
         print(f"chosen on validation: {heads[-1][0]}")
+    for name, row in [("trained head", base)] + ([("chosen head", best[0])] if best else []):
+        print(f"valid by source, {name}: " + ", ".join(f"{s} {v:.3f}" for s, v in row["balanced_accuracy_by_source"].items()))
     result["test"] = {}
     for name, p in heads:
         per_root = {}
