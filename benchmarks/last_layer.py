@@ -12,9 +12,12 @@ equally weighted. It costs one forward pass over the data instead of a training.
      by an exponent alpha (0: unweighted, 1: fully balanced), and every L2 strength C;
   3. the choice, on validation only: the highest worst-source balanced accuracy among the heads whose
      pooled validation accuracy is within --max-drop of the trained head's;
-  4. test figures (bootstrap 95% intervals, per source) of the trained head and the chosen one.
+  4. test figures (bootstrap 95% intervals, per source) of the trained head and the chosen one;
+  5. a diagnostic: per test source, the best accuracy any threshold on the trained head's P(PNEUMONIA)
+     reaches, chosen on those very images (an oracle: the ceiling of re-thresholding, never a recipe).
 
     python benchmarks/last_layer.py ARTIFACT [DATA ...] [--features F.npz] [--max-drop 0.01] [--json OUT]
+                                    [--no-grid]   # 1, 4 (trained head) and 5 only
 
 DATA defaults to cxr3 and cxr3-adult beside the repository ($CXR_DATA_ROOT for their parent folder).
 --features keeps the features between runs (an .npz; recomputed when its items differ). Nothing else is
@@ -83,6 +86,15 @@ def by_source(pred: np.ndarray, y: np.ndarray, src: np.ndarray) -> dict[str, flo
     return dict(sorted(((str(s), bal(s)) for s in np.unique(src)), key=lambda t: t[1]))
 
 
+def oracle_threshold(p_pos: np.ndarray, is_pos: np.ndarray) -> tuple[float, float]:
+    """The best accuracy any threshold on p_pos reaches on these very items, and that threshold. A ceiling for re-thresholding or
+    re-calibrating, chosen on the scored items themselves: a diagnostic, never a recipe."""
+    ts = np.unique(np.r_[p_pos, np.inf])
+    accs = [np.mean((p_pos >= t) == is_pos) for t in ts]
+    i = int(np.argmax(accs))
+    return float(accs[i]), float(ts[i])
+
+
 def summary(m) -> dict:
     """The figures a row of the comparison needs, from compute_metrics."""
     d = m.to_dict()
@@ -99,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-drop", type=float, default=0.01, help="pooled valid accuracy a head may lose")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--no-grid", action="store_true", help="only the trained head's figures and the oracle")
     a = ap.parse_args(argv)
 
     import torch
@@ -149,7 +162,7 @@ def main(argv=None) -> int:
     scaler = StandardScaler().fit(F[tr])
     Z = scaler.transform(F)
     rows, best = [], None
-    for balance in BALANCES:
+    for balance in () if a.no_grid else BALANCES:
         w_full = sampling_weights(items[tr], balance)
         for alpha in ALPHAS:
             w = w_full ** alpha
@@ -190,6 +203,19 @@ def main(argv=None) -> int:
             for so, f in s["per_source"].items():
                 sens = ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_sensitivity"].items() if v is not None)
                 print(f"    {so} (n={f['n']}): accuracy {f['accuracy']:.3f}, balanced {f['balanced_accuracy']:.3f}; {sens}")
+    if "PNEUMONIA" in art.classes:
+        k = art.classes.index("PNEUMONIA")
+        result["oracle"] = {}
+        print("oracle threshold on P(PNEUMONIA), trained head, test (PNEUMONIA or not; chosen on the scored images):")
+        for so in np.unique(src[te]):
+            m = te & (src == so)
+            is_pos = y[m] == k
+            if is_pos.all() or not is_pos.any():
+                continue
+            acc, t = oracle_threshold(p0[m, k], is_pos)
+            argmax_acc = float(np.mean((p0[m].argmax(1) == k) == is_pos))
+            result["oracle"][str(so)] = {"n": int(m.sum()), "argmax_accuracy": argmax_acc, "oracle_accuracy": acc, "threshold": t}
+            print(f"  {so} (n={m.sum()}): argmax {argmax_acc:.3f}, best threshold {acc:.3f} (at {t:.3f})")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return 0
