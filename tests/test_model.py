@@ -25,6 +25,17 @@ def test_non_square_input_and_feature_map_shape():
     assert m(x).shape == (2, 2)
 
 
+def test_embed_is_what_the_head_reads():
+    # Grad-CAM and benchmarks/last_layer.py split the model here: head(embed(x)) must be the model itself
+    torch.manual_seed(0)
+    m = ResNet9(n_in=1, n_out=3, widths=(8, 16, 32, 64)).eval()
+    x = torch.randn(3, 1, 40, 40)
+    e = m.embed(x)
+    assert e.shape == (3, 64)
+    assert torch.equal(e, m.forward_features(x).amax((2, 3)))
+    assert torch.equal(m.head(e), m(x))
+
+
 def test_widths_classes_and_channels_are_arguments():
     m = ResNet9(n_in=3, n_out=5, widths=(4, 8, 12, 16))
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 5)
