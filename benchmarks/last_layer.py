@@ -78,14 +78,6 @@ def features(model, art, paths: list[str], bs: int = 256, workers: int = 2) -> n
     return out
 
 
-def by_source(pred: np.ndarray, y: np.ndarray, src: np.ndarray) -> dict[str, float]:
-    """Balanced accuracy (mean sensitivity over the classes it holds) of every source, worst first."""
-    def bal(s):
-        m = src == s
-        return float(np.mean([np.mean(pred[m & (y == k)] == k) for k in np.unique(y[m])]))
-    return dict(sorted(((str(s), bal(s)) for s in np.unique(src)), key=lambda t: t[1]))
-
-
 def oracle_threshold(p_pos: np.ndarray, is_pos: np.ndarray) -> tuple[float, float]:
     """The best accuracy any threshold on p_pos reaches on these very items, and that threshold. A ceiling for re-thresholding or
     re-calibrating, chosen on the scored items themselves: a diagnostic, never a recipe."""
@@ -132,8 +124,9 @@ def main(argv=None) -> int:
     items = items[items.split.isin(["train", "valid", "test"]) & items.label.isin(art.classes)].reset_index(drop=True)
     paths = items.path.astype(str).tolist()
 
-    if a.features and a.features.is_file() and np.load(a.features)["paths"].tolist() == paths:
-        F = np.load(a.features)["feats"]
+    cached = np.load(a.features) if a.features and a.features.is_file() else None
+    if cached is not None and cached["paths"].tolist() == paths:
+        F = cached["feats"]
     else:
         t0 = time.time()
         F = features(model, art, paths)
@@ -144,16 +137,14 @@ def main(argv=None) -> int:
     y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
     src = items.source.astype(str).to_numpy()
     tr, va, te = ((items.split == s).to_numpy() for s in ("train", "valid", "test"))
-    W, b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
-    logits = F @ W.T + b
-    p0 = np.exp(logits - logits.max(1, keepdims=True))
-    p0 /= p0.sum(1, keepdims=True)
+    with torch.inference_mode():
+        p0 = torch.softmax(model.head(torch.from_numpy(F)), dim=1).numpy()
 
     def valid_row(p):
-        pred = p.argmax(1)
-        per = by_source(pred[va], y[va], src[va])
-        ws = next(iter(per))
-        return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": float(np.mean(pred[va] == y[va])),
+        m = compute_metrics(y[va], p[va], art.classes, sources=src[va].tolist(), n_boot=0)
+        per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
+        ws = next(iter(per))   # worst first
+        return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
                 "balanced_accuracy_by_source": per}
 
     base = valid_row(p0)
@@ -180,9 +171,9 @@ def main(argv=None) -> int:
                     best = (row, p)
     result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "valid_trained_head": base, "grid": rows}
     heads = [("trained head", p0)]
-    if best is None:
+    if best is None and rows:
         print("no re-fitted head keeps pooled valid accuracy within --max-drop")
-    else:
+    elif best is not None:
         result["chosen"] = best[0]
         heads.append((f"re-fitted head ({best[0]['balance']}, alpha {best[0]['alpha']}, C {best[0]['C']})", best[1]))
         print(f"chosen on validation: {heads[-1][0]}")
