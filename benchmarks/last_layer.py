@@ -18,6 +18,7 @@ equally weighted. It costs one forward pass over the data instead of a training.
 
     python benchmarks/last_layer.py ARTIFACT [DATA ...] [--features F.npz] [--max-drop 0.01] [--json OUT]
                                     [--no-grid]   # 1, 4 (trained head) and 5 only
+                                    [--holdout SOURCE]  # a crossval fold's model: SOURCE neither fits nor chooses
 
 DATA defaults to cxr3 and cxr3-adult beside the repository ($CXR_DATA_ROOT for their parent folder).
 --features keeps the features between runs (an .npz; recomputed when its items differ). Nothing else is
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--no-grid", action="store_true", help="only the trained head's figures and the oracle")
+    ap.add_argument("--holdout", action="append", default=[], metavar="SOURCE",
+                    help="a source the model never trained on (a crossval fold's): its train and valid images are kept "
+                         "out of the re-fit and the choice, its test images are scored (repeatable)")
     a = ap.parse_args(argv)
 
     import torch
@@ -136,7 +140,11 @@ def main(argv=None) -> int:
 
     y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
     src = items.source.astype(str).to_numpy()
+    seen = ~items.source.isin(a.holdout).to_numpy()
     tr, va, te = ((items.split == s).to_numpy() for s in ("train", "valid", "test"))
+    tr, va = tr & seen, va & seen
+    if a.holdout:
+        print(f"held out of the re-fit and the choice: {', '.join(a.holdout)} ({int((~seen).sum())} images; its test images are scored)")
     with torch.inference_mode():
         p0 = torch.softmax(model.head(torch.from_numpy(F)), dim=1).numpy()
 

@@ -458,6 +458,7 @@ from .config import CrossvalConfig  # noqa: E402
 
 class CrossvalBy(str, Enum):
     source = "source"
+    group = "group"
 
 
 class CrossvalSplit(str, Enum):
@@ -470,10 +471,12 @@ class CrossvalSplit(str, Enum):
 def crossval_cmd(
     data: List[Path] = typer.Argument(..., help="Dataset roots (any layout train accepts): an image's source is its labels.csv source, else its root's folder name."),
     out: Path = typer.Option(..., "--out", help="Series folder: folds/NAME/{run,model,result.json}, crossval.json/.md/.png. Rerun the same command to resume."),
-    by: CrossvalBy = typer.Option(CrossvalBy(CrossvalConfig.by), "--by", help="What is held out: source (leave one source out)."),
-    split: CrossvalSplit = typer.Option(CrossvalSplit(CrossvalConfig.split), "--split", help="Held-out images scored: all (every split of the held-out source; none was seen in training), test or valid. The pooled fold uses test for all."),
+    by: CrossvalBy = typer.Option(CrossvalBy(CrossvalConfig.by), "--by", help="What is held out: source (leave one source out) or group (patient-grouped K-fold: a patient's and a duplicate group's images stay in one fold)."),
+    folds: int = typer.Option(CrossvalConfig.folds, "--folds", min=2, max=100, help="--by group: number of folds K."),
+    source: Optional[str] = typer.Option(None, "--source", help="--by group: K-fold over this source's images only (the others are left out of every fold)."),
+    split: CrossvalSplit = typer.Option(CrossvalSplit(CrossvalConfig.split), "--split", help="Held-out images scored: all (every split of the held-out source or fold; none was seen in training), test or valid. The pooled fold uses test for all."),
     all_sources: bool = typer.Option(CrossvalConfig.all_sources, "--all-sources", help="Also hold out sources that have a single class."),
-    pooled: bool = typer.Option(CrossvalConfig.pooled, "--pooled/--no-pooled", help="Also train on every source and score the pooled test split (the in-distribution figure)."),
+    pooled: bool = typer.Option(CrossvalConfig.pooled, "--pooled/--no-pooled", help="Also train on every source and score the pooled test split (the in-distribution figure). --by group has no pooled fold: it reports the out-of-fold figure."),
     size: int = RECIPE["size"],
     epochs: int = RECIPE["epochs"],
     bs: int = RECIPE["bs"],
@@ -496,11 +499,12 @@ def crossval_cmd(
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation when scoring (6x the compute)."),
-    fold: List[str] = typer.Option([], "--fold", help="Compute only this fold (a held-out source's name, its folder name holdout-NAME, or pooled); repeatable. The others stay pending: several machines or sessions can share one --out."),
+    fold: List[str] = typer.Option([], "--fold", help="Compute only this fold (a held-out source's name, its folder name holdout-NAME, pooled, or a group fold's number); repeatable. The others stay pending: several machines or sessions can share one --out."),
     force: bool = typer.Option(False, "--force", help="Start the series again (removes OUT/folds and the summaries)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ):
-    """Leave-one-source-out: train on all sources but one, score the held-out one; plus a pooled in-distribution fold."""
+    """Leave-one-source-out: train on all sources but one, score the held-out one; plus a pooled in-distribution fold.
+    --by group --folds K: patient-grouped K-fold instead."""
     from .evaluate.crossval import crossval, parse_train_overrides, write_crossval
 
     values = locals()
@@ -508,7 +512,11 @@ def crossval_cmd(
         _out_folder(out, "--out")
         extra = parse_train_overrides(set_)
         tcfg = _train_config(data, values).replace(**extra)
-        cfg = CrossvalConfig(by=by.value, split=split.value, all_sources=all_sources, pooled=pooled, n_boot=n_boot)
+        if source is not None and by is not CrossvalBy.group:
+            raise CxrError("--source picks the one source of --by group; leave-one-source-out uses them all "
+                           "(leave sources out of every fold with --exclude-source)")
+        cfg = CrossvalConfig(by=by.value, folds=folds, source=source or "", split=split.value, all_sources=all_sources,
+                             pooled=pooled and by is CrossvalBy.source, n_boot=n_boot)
         pcfg = PredictConfig(device=device.value, tta=tta)
         res = crossval(tcfg, out, cfg, pcfg=pcfg, force=force, progress=not quiet and sys.stderr.isatty(),
                        only=fold, log=_quiet_log(quiet), warn=_warn)
@@ -523,8 +531,12 @@ def crossval_cmd(
     s = res.summary()
     if s["held_out_balanced_accuracy_mean"] is not None:
         typer.echo(f"mean held-out balanced accuracy {s['held_out_balanced_accuracy_mean']:.3f} over "
-                   f"{s['held_out_folds_done']} source(s)"
+                   f"{s['held_out_folds_done']} {'fold' if by is CrossvalBy.group else 'source'}(s)"
                    + (f"; pooled {s['pooled_balanced_accuracy']:.3f}" if s["pooled_balanced_accuracy"] is not None else ""))
+    if s.get("out_of_fold"):
+        o = s["out_of_fold"]
+        typer.echo(f"out of fold (every image once): n {o['n']}, accuracy {o['accuracy']:.3f}, "
+                   f"balanced accuracy {o['balanced_accuracy']:.3f}")
     for name, path in files.items():
         typer.echo(f"  {name}: {path}")
 

@@ -43,6 +43,9 @@ class TrainConfig:
     label_smoothing: float = 0.0   # cross-entropy label smoothing (0 = plain cross-entropy)
     class_weights: bool = False    # weight the loss by inverse class frequency of the training set
     exclude_sources: tuple[str, ...] = ()  # leave these `source` values (labels.csv) out of train and valid
+    group_folds: int = 0           # with holdout_fold: patient-grouped k-fold (data.discover.group_folds over the
+    holdout_fold: int = 0          # images left after exclude_sources, seeded by `seed`); fold holdout_fold
+                                   # (0-based) of group_folds stays out of training (crossval --by group)
     compile: bool = False          # torch.compile the model (exports still hold the plain module)
     opt: str = "adamw"             # adamw: torch AdamW, foreach (CPU) / fused (CUDA) | fastai: fastai's Adam (per-param loop)
     balance: str = "none"          # none | class | class-source | class-then-source: draw training images so that every
@@ -164,7 +167,9 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class CrossvalConfig:
-    by: str = "source"             # source: leave one source out (the only kind so far)
+    by: str = "source"             # source: leave one source out | group: patient-grouped k-fold
+    folds: int = 5                 # --by group: k
+    source: str = ""               # --by group: only this source's images (others left out of every fold); "" = all
     split: str = "all"             # held-out images evaluated: all (every split of the held-out source) | test | valid
     all_sources: bool = False      # also hold out sources with a single class (their balanced accuracy is one sensitivity)
     pooled: bool = True            # also train on every source and evaluate on the pooled test split (or `split`)

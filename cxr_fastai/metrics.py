@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Metrics", "compute_metrics", "source_gaps", "source_warnings"]
+__all__ = ["Metrics", "compute_metrics", "confusion_rates", "source_gaps", "source_warnings"]
 
 # One-vs-rest ratios reported per class, in output order.
 _RATES: tuple[str, ...] = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -174,6 +174,15 @@ def source_gaps(per_source: dict[str, dict[str, Any]] | None, pooled_balanced: f
 
 
 # --------------------------------------------------------------------------- core
+
+
+def confusion_rates(cm: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and per-class sensitivity (None where a class has no items) of one confusion
+    matrix (rows = actual), e.g. the sum of several folds' matrices; the same definitions as compute_metrics."""
+    st = _stats(np.asarray(cm, dtype=np.int64)[None])
+    sens = [None if not np.isfinite(v) else float(v) for v in st["sensitivity"][0]]
+    return {"accuracy": float(st["accuracy"][0]), "balanced_accuracy": float(st["balanced_accuracy"][0]),
+            "sensitivity": sens}
 
 
 def _stats(cms: np.ndarray) -> dict[str, np.ndarray]:

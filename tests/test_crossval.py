@@ -267,3 +267,120 @@ def _pcfg():
     from cxr_fastai.config import PredictConfig
 
     return PredictConfig(device="cpu", workers=1)
+
+
+# ------------------------------------------------------------------------------- --by group --folds K
+
+def _patient_root(dest: Path) -> Path:
+    """One source; two images per patient (within one split), and one duplicate group joining two patients."""
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    root = make_synthetic_dataset(dest, {"train": 8, "valid": 4, "test": 4}, size=24, seed=5)
+    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    df["source"] = "site_a"
+    df["patient_id"] = [f"p{i // 2}" for i in range(len(df))]   # rows are grouped by split and class
+    df["group"] = ""
+    df.loc[[0, 2], "group"] = "dup1"                           # joins patients p0 and p1
+    df.to_csv(root / "labels.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def group_series(tmp_path_factory):
+    from cxr_fastai.evaluate.crossval import crossval, write_crossval
+
+    base = tmp_path_factory.mktemp("group_cv")
+    root = _patient_root(base / "data")
+    out = base / "out"
+    logs: list[str] = []
+    res = crossval(_tcfg([root]), out, _ccfg(by="group", folds=3), log=logs.append)
+    return SimpleNamespace(res=res, files=write_crossval(res), logs=logs, out=out, root=root)
+
+
+def test_group_folds_keep_patients_and_groups_together_and_stratify():
+    from cxr_fastai.data.discover import group_folds
+
+    labels = ["A", "B"] * 30
+    patients = [f"p{i // 3}" for i in range(60)]   # 20 patients of 3 images
+    groups = [""] * 60
+    groups[0] = groups[59] = "g"                    # joins the first and last patients
+    fold = group_folds(labels, patients, groups, 4, seed=0)
+    assert sorted(set(fold)) == [0, 1, 2, 3]
+    for p in set(patients):
+        assert len({f for f, q in zip(fold, patients) if q == p}) == 1
+    assert fold[0] == fold[59] and fold[57] == fold[2]
+    assert group_folds(labels, patients, groups, 4, seed=0) == fold      # seeded: the same folds again
+    sizes = [fold.count(k) for k in range(4)]
+    assert max(sizes) - min(sizes) <= 9                                  # near-equal (components of 3 and 6)
+    for k in range(4):                                                   # both classes in every fold
+        assert {lab for f, lab in zip(fold, labels) if f == k} == {"A", "B"}
+
+
+def test_group_folds_need_as_many_patients_as_folds():
+    from cxr_fastai.data.discover import group_folds
+    from cxr_fastai.errors import DataError
+
+    with pytest.raises(DataError, match="at least 5 patients"):
+        group_folds(["A", "B"] * 4, ["p1"] * 4 + ["p2"] * 4, [""] * 8, 5, seed=0)
+
+
+@pytest.mark.slow
+def test_group_crossval_scores_every_image_once_by_a_model_that_never_saw_its_patient(group_series):
+    from cxr_fastai.data.discover import discover
+    from cxr_fastai.evaluate.crossval import plan_folds
+
+    res = group_series.res
+    items = discover(group_series.root).items
+    assert [f.name for f in res.folds] == ["fold-1-of-3", "fold-2-of-3", "fold-3-of-3"] and res.pooled is None
+    assert all(f.status == "done" and f.kind == "group" for f in res.folds), [f.reason for f in res.folds]
+    assert sum(f.n for f in res.folds) == len(items) == 3 * 16   # --split all: every image scored once
+    planned = plan_folds(items, _ccfg(by="group", folds=3))
+    patient = dict(zip(items.path.astype(str), items.patient_id))
+    scored = []
+    for k, (f, plan) in enumerate(zip(res.folds, planned)):
+        cfg = json.loads((Path(f.run) / "config.json").read_text())
+        assert (cfg["group_folds"], cfg["holdout_fold"]) == (3, k)
+        held = set(plan.eval_items.path.astype(str))
+        assert len(held) == f.n and f.seen_in_training == 0
+        trained = set(pd.read_csv(Path(f.run) / "items.csv").path.astype(str))
+        assert trained and not trained & held
+        assert not {patient[p] for p in trained} & {patient[p] for p in held}   # no patient on both sides
+        assert trained | held == set(items.path.astype(str)[items.split != "test"]) | held
+        scored.append(held)
+    assert set.union(*scored) == set(patient) and sum(map(len, scored)) == len(patient)
+    first = items.path.astype(str)[0]
+    third = items.path.astype(str)[2]
+    assert any(first in h and third in h for h in scored)   # patients p0 and p1 share a group: one fold
+    oof = res.summary()["out_of_fold"]
+    assert oof["n"] == len(items) and sum(map(sum, oof["confusion_matrix"])) == len(items)
+    assert 0 <= oof["balanced_accuracy"] <= 1
+    md = group_series.files["crossval.md"].read_text()
+    assert "Patient-grouped 3-fold" in md and md.count("| fold-") == 3 and "out of fold" in md
+    assert group_series.files["crossval.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_group_crossval_resumes_without_retraining_and_via_the_cli(group_series, monkeypatch):
+    from cxr_fastai.evaluate.crossval import crossval
+
+    out = group_series.out
+    _no_training(monkeypatch)
+    again = crossval(_tcfg([group_series.root]), out, _ccfg(by="group", folds=3))
+    assert [f.balanced_accuracy for f in again.folds] == [f.balanced_accuracy for f in group_series.res.folds]
+    r = cli("crossval", group_series.root, "--out", out, "--by", "group", "--folds", 3, "--size", 16, "--epochs", 1,
+            "--bs", 16, "--device", "cpu", "--set", "widths=8,16,16,32", "--n-boot", 100, "-q")
+    assert r.exit_code == 0, r.output
+    assert "fold-2-of-3" in r.stdout and "over 3 fold(s)" in r.stdout and "out of fold" in r.stdout
+    r = cli("crossval", group_series.root, "--out", out, "--by", "group", "--folds", 4, "--size", 16, "--epochs", 1,
+            "--bs", 16, "--device", "cpu", "--set", "widths=8,16,16,32", "--n-boot", 100, "-q")
+    assert r.exit_code != 0 and "crossval.folds: was 3, now 4" in r.output
+
+
+def test_group_options_are_checked_in_one_line(tmp_path):
+    data = _patient_root(tmp_path / "data")
+    r = cli("crossval", data, "--out", tmp_path / "o", "--source", "site_a")
+    assert r.exit_code != 0 and "--source picks the one source of --by group" in r.output
+    r = cli("crossval", data, "--out", tmp_path / "o", "--by", "group", "--source", "nowhere")
+    assert r.exit_code != 0 and "no images from source 'nowhere'" in r.output
+    r = cli("crossval", data, "--out", tmp_path / "o", "--by", "group", "--folds", 40)
+    assert r.exit_code != 0 and "at least 40 patients" in r.output

@@ -252,8 +252,9 @@ def _from_labels_csv(root: Path, valid_pct: float, seed: int) -> Dataset:
     return Dataset(root, "labels.csv", df.reset_index(drop=True), split_given=False)
 
 
-def group_split(patient_ids: Sequence[str], groups: Sequence[str], valid_pct: float, seed: int) -> list[str]:
-    """'train'/'valid' per item; items sharing a patient id or a group (transitively) stay together."""
+def patient_components(patient_ids: Sequence[str], groups: Sequence[str]) -> list[list[int]]:
+    """Item indices joined when they share a patient id or a group (transitively), each list in item order,
+    the lists in the order of their first item: what must stay on one side of any split."""
     n = len(patient_ids)
     parent = list(range(n))
 
@@ -277,7 +278,13 @@ def group_split(patient_ids: Sequence[str], groups: Sequence[str], valid_pct: fl
     comps: dict[int, list[int]] = {}
     for i in range(n):
         comps.setdefault(find(i), []).append(i)
-    order = list(comps.values())
+    return list(comps.values())
+
+
+def group_split(patient_ids: Sequence[str], groups: Sequence[str], valid_pct: float, seed: int) -> list[str]:
+    """'train'/'valid' per item; items sharing a patient id or a group (transitively) stay together."""
+    n = len(patient_ids)
+    order = patient_components(patient_ids, groups)
     random.Random(seed).shuffle(order)
     split = ["train"] * n
     target = max(1, int(round(n * valid_pct))) if n > 1 else 0
@@ -294,6 +301,26 @@ def group_split(patient_ids: Sequence[str], groups: Sequence[str], valid_pct: fl
         for i in min(order, key=len):  # every component overshoots: hold out the smallest one
             split[i] = "valid"
     return split
+
+
+def group_folds(labels: Sequence[str], patient_ids: Sequence[str], groups: Sequence[str], k: int,
+                seed: int) -> list[int]:
+    """A fold number in 0..k-1 per item for patient-grouped k-fold: items sharing a patient id or a group
+    (transitively) get the same fold, and each fold's class mix is kept near the whole's (scikit-learn's
+    StratifiedGroupKFold, seeded). The same items in the same order and seed give the same folds."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    comps = patient_components(patient_ids, groups)
+    if len(comps) < k:
+        raise DataError(f"{k}-fold needs at least {k} patients (or groups); these images have {len(comps)}")
+    comp_of = np.empty(len(labels), dtype=np.int64)
+    for c, members in enumerate(comps):
+        comp_of[members] = c
+    fold = np.zeros(len(labels), dtype=np.int64)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for j, (_, held) in enumerate(cv.split(np.zeros(len(labels)), np.asarray(labels), comp_of)):
+        fold[held] = j
+    return fold.tolist()
 
 
 def _check(ds: Dataset) -> None:

@@ -6,6 +6,12 @@ split by default: none of them was seen in training or used to pick the best epo
 fold trains on everything and is evaluated on the pooled test split: the in-distribution figure that the
 held-out ones are compared with.
 
+`--by group --folds K` is patient-grouped K-fold instead (on one source with `source`, or on all the
+images): every image lands in one of K folds, a patient's (and a duplicate group's) images in the same
+one, class mix stratified (`data.discover.group_folds`); fold k's model trains on the others' train/valid
+images (`TrainConfig.group_folds` / `holdout_fold`) and is scored on fold k's images. No pooled fold:
+every fold is in distribution.
+
 Layout of the output folder (resumable: a rerun with the same config skips the folds that are done):
   crossval-config.json          what the series was started with; a rerun must match it (or --force)
   folds/NAME/run/               the fold's training run (resumed when interrupted)
@@ -42,8 +48,11 @@ RESULT_FILE = "result.json"
 OUTPUTS = ("crossval.json", "crossval.md", "crossval.png")
 POOLED = "pooled"
 SPLIT_CHOICES = ("all", "test", "valid")
+BY_CHOICES = ("source", "group")
 # TrainConfig fields that say how a fold is computed, not what: a resumed series may differ in them
 _EXECUTION_FIELDS = ("run", "workers", "cache_dir", "device", "compile")
+# TrainConfig fields crossval sets per fold
+_FOLD_FIELDS = ("data", "run", "exclude_sources", "group_folds", "holdout_fold")
 
 
 def _noop(msg: str) -> None:
@@ -55,8 +64,9 @@ def _noop(msg: str) -> None:
 @dataclass
 class FoldResult:
     name: str                       # folder name under folds/
-    kind: str                       # "source" (one source held out) | "pooled" (trained on everything)
-    held_out: str | None            # the held-out source (None for the pooled fold)
+    kind: str                       # "source" (one source held out) | "group" (a patient-grouped fold held out)
+                                    # | "pooled" (trained on everything)
+    held_out: str | None            # the held-out source, or "fold k of K" (None for the pooled fold)
     status: str                     # "done" | "skipped" | "pending" (not computed yet: another call's `only`)
     reason: str = ""                # why it was skipped, or notes on a done fold (labels left out...)
     split: str = ""                 # the evaluated split(s)
@@ -94,12 +104,13 @@ class FoldResult:
 class CrossvalResult:
     out: Path
     config: dict[str, Any]
-    folds: list[FoldResult]         # held-out source folds in source order, then the pooled fold
+    folds: list[FoldResult]         # held-out source folds in source order (or group folds), then the pooled fold
     seconds: float = 0.0
 
     @property
     def source_folds(self) -> list[FoldResult]:
-        return [f for f in self.folds if f.kind == "source"]
+        """The held-out folds: one per source, or one per patient-grouped fold."""
+        return [f for f in self.folds if f.kind != "pooled"]
 
     @property
     def pooled(self) -> FoldResult | None:
@@ -122,7 +133,7 @@ class CrossvalResult:
         pooled = self.pooled
         pooled_ba = pooled.balanced_accuracy if pooled is not None and pooled.status == "done" else None
         mean = float(np.mean(bas)) if bas else None
-        return {
+        out = {
             "held_out_folds_done": len(bas),
             "held_out_balanced_accuracy_mean": mean,
             "held_out_balanced_accuracy_min": float(min(bas)) if bas else None,
@@ -130,6 +141,22 @@ class CrossvalResult:
             "pooled_balanced_accuracy": pooled_ba,
             "gap_pooled_minus_mean_held_out": (pooled_ba - mean) if pooled_ba is not None and mean is not None else None,
         }
+        if self.config.get("crossval", {}).get("by") == "group":
+            out["out_of_fold"] = self.out_of_fold()
+        return out
+
+    def out_of_fold(self) -> dict[str, Any] | None:
+        """K-fold's pooled figure: every done fold's confusion matrix summed (each image scored once, by the model
+        that never saw its patient); None until every fold is done or when the folds' classes differ."""
+        folds = self.source_folds
+        if not folds or any(f.status != "done" or not f.metrics for f in folds) or len({tuple(f.classes) for f in folds}) > 1:
+            return None
+        from ..metrics import confusion_rates
+
+        cm = np.sum([np.asarray(f.metrics["confusion_matrix"]) for f in folds], axis=0)
+        r = confusion_rates(cm)
+        return {"n": int(cm.sum()), "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"],
+                "sensitivity": dict(zip(folds[0].classes, r["sensitivity"])), "confusion_matrix": cm.tolist()}
 
     def to_dict(self) -> dict[str, Any]:
         folds = []
@@ -153,6 +180,7 @@ class _Fold:
     split: str                      # what eval_items are, for the report
     n_fit: int                      # train + valid images of its training (for the ETA)
     skip: str = ""                  # a reason known before training
+    train_kw: dict[str, Any] = field(default_factory=dict)   # more TrainConfig fields of this fold's training
 
 
 def fold_name(source: str, taken: set[str]) -> str:
@@ -167,12 +195,17 @@ def fold_name(source: str, taken: set[str]) -> str:
 
 
 def plan_folds(items: pd.DataFrame, cfg: CrossvalConfig, always_excluded: Sequence[str] = (),
-               where: str = "the data") -> list[_Fold]:
+               where: str = "the data", seed: int = 0) -> list[_Fold]:
     """The folds of a series over `items` (discover's columns): raises DataError when there is nothing to hold out."""
-    if cfg.by != "source":
-        raise CxrError(f"crossval --by {cfg.by}: only --by source is supported")
+    if cfg.by not in BY_CHOICES:
+        raise CxrError(f"crossval --by {cfg.by}: give one of {', '.join(BY_CHOICES)}")
     if cfg.split not in SPLIT_CHOICES:
         raise CxrError(f"crossval --split {cfg.split!r}: give one of {', '.join(SPLIT_CHOICES)}")
+    if cfg.by == "group":
+        return plan_group_folds(items, cfg, always_excluded, where, seed)
+    if cfg.source:
+        raise CxrError("crossval --source picks the one source of --by group; leave-one-source-out uses them all "
+                       "(leave sources out of every fold with --exclude-source)")
     items = items[~items.source.isin(always_excluded)]
     sources = sorted(set(items.source) - {""})
     if len(sources) < 2:
@@ -217,12 +250,55 @@ def plan_folds(items: pd.DataFrame, cfg: CrossvalConfig, always_excluded: Sequen
     return folds
 
 
+def plan_group_folds(items: pd.DataFrame, cfg: CrossvalConfig, always_excluded: Sequence[str] = (),
+                     where: str = "the data", seed: int = 0) -> list[_Fold]:
+    """Patient-grouped K-fold over the images left after `always_excluded` (and, with cfg.source, of that source
+    only): fold k's training leaves fold k out (`TrainConfig.holdout_fold`), its figures are on fold k's images."""
+    from ..data.discover import group_folds
+
+    if cfg.folds < 2:
+        raise CxrError(f"crossval --folds {cfg.folds}: give 2 or more")
+    exclude = tuple(always_excluded)
+    if cfg.source:
+        have = set(items.source[~items.source.isin(exclude)]) - {""}
+        if cfg.source not in have:
+            raise DataError(f"{where}: no images from source {cfg.source!r} (sources: {', '.join(sorted(have)) or 'none'})")
+        exclude += tuple(sorted(have - {cfg.source}))
+    # exactly the images a fold's training starts from (train.fit.prepare_run), so both number the folds alike
+    items = items[~items.source.isin(exclude)].reset_index(drop=True)
+    fold = np.asarray(group_folds(items.label.tolist(), items.patient_id.tolist(), items.group.tolist(), cfg.folds,
+                                  seed))
+    folds = []
+    for k in range(cfg.folds):
+        mine, rest = items[fold == k], items[fold != k]
+        ev = mine if cfg.split == "all" else mine[mine.split == cfg.split]
+        train_labels = sorted(set(rest.label[rest.split == "train"]))
+        skip = ""
+        if len(train_labels) < 2:
+            skip = f"the other folds have training images of {len(train_labels)} class(es); a model needs 2"
+        elif not (rest.split == "valid").any():
+            skip = "the other folds have no valid images to choose the epoch on"
+        elif len(ev) == 0:
+            skip = f"fold {k + 1} has no {cfg.split} images; try --split all"
+        folds.append(_Fold(f"fold-{k + 1}-of-{cfg.folds}", "group", f"fold {k + 1} of {cfg.folds}", exclude,
+                           ev.reset_index(drop=True), cfg.split, int(rest.split.isin(("train", "valid")).sum()), skip,
+                           {"group_folds": cfg.folds, "holdout_fold": k}))
+    if all(f.skip for f in folds):
+        raise DataError(f"{where}: no fold can be held out: {folds[0].skip}")
+    return folds
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 def series_config(tcfg: TrainConfig, cfg: CrossvalConfig, roots: Sequence[Path]) -> dict[str, Any]:
     """What a series is defined by (and a resumed one must match)."""
-    train = {k: v for k, v in tcfg.to_dict().items() if k not in _EXECUTION_FIELDS and k != "data"}
-    config = {"data": [str(r) for r in roots], "crossval": dataclasses.asdict(cfg), "train": train}
+    train = {k: v for k, v in tcfg.to_dict().items()
+             if k not in _EXECUTION_FIELDS and k not in ("data", "group_folds", "holdout_fold")}
+    cv = dataclasses.asdict(cfg)
+    # only the fields of this kind of series (older leave-one-source-out series files hold no k-fold fields)
+    for k in (("folds", "source") if cfg.by == "source" else ("pooled", "all_sources")):
+        cv.pop(k)
+    config = {"data": [str(r) for r in roots], "crossval": cv, "train": train}
     return json.loads(json.dumps(config))   # as it reads back from the file (tuples become lists)
 
 
@@ -278,12 +354,14 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
     unknown = sorted(set(tcfg.exclude_sources) - set(ds.items.source))
     if unknown:
         raise DataError(f"{ds.where}: no images from source {unknown[0]!r} to exclude")
-    folds = plan_folds(ds.items, cfg, tcfg.exclude_sources, ds.where)
-    by_name = {**{f.held_out: f.name for f in folds if f.held_out}, **{f.name: f.name for f in folds}}
+    folds = plan_folds(ds.items, cfg, tcfg.exclude_sources, ds.where, tcfg.seed)
+    by_name = {**{f.held_out: f.name for f in folds if f.held_out}, **{f.name: f.name for f in folds},
+               **{str(f.train_kw["holdout_fold"] + 1): f.name for f in folds if f.kind == "group"}}
     unknown = [o for o in only if o not in by_name]
     if unknown:
         raise CxrError(f"crossval --fold {unknown[0]!r}: not a fold of this series (folds: "
-                       f"{', '.join(f.name for f in folds)}; a held-out source's name works too)")
+                       f"{', '.join(f.name for f in folds)}; a held-out source's name, or a group fold's "
+                       "number, works too)")
     only = tuple(dict.fromkeys(by_name[o] for o in only))
     blank = int((ds.items.source == "").sum())
     if blank:
@@ -322,10 +400,10 @@ def crossval(tcfg: TrainConfig, out: str | Path, cfg: CrossvalConfig = CrossvalC
             results.append(FoldResult(f.name, f.kind, f.held_out, "pending",
                                       "not computed yet: rerun without --fold, or with --fold " + f.name, split=f.split))
             continue
-        what = f"hold out {f.held_out!r}" if f.kind == "source" else "train on every source"
+        what = f"hold out {f.held_out!r}" if f.kind != "pooled" else "train on every source"
         log(f"[{i}/{len(folds)}] {f.name}: start ({what}; {f.n_fit} train+valid images, {len(f.eval_items)} to evaluate)")
         t_fold = time.perf_counter()
-        fcfg = tcfg.replace(data=roots, run=str(fdir / "run"), exclude_sources=f.exclude)
+        fcfg = tcfg.replace(data=roots, run=str(fdir / "run"), exclude_sources=f.exclude, **f.train_kw)
         try:
             res = _run_fold(f, fcfg, fdir, cfg, pcfg, progress=progress, log=log, warn=warn)
         except DataError as e:   # e.g. the other sources lack a class that training needs: report, go on
@@ -438,11 +516,11 @@ def evaluate_fold(artifact: Path, f: _Fold, cfg: CrossvalConfig, pcfg: PredictCo
     if not y:
         return FoldResult(f.name, f.kind, f.held_out, "skipped", "; ".join(notes) or "no readable images",
                           split=f.split, classes=classes, left_out=left_out, unreadable=unreadable)
-    per_source = srcs if f.kind == "pooled" and len(set(srcs)) > 1 else None
+    per_source = srcs if f.kind != "source" and len(set(srcs)) > 1 else None
     m = compute_metrics(np.array(y), np.stack(probs), classes, sources=per_source, n_boot=cfg.n_boot,
                         seed=cfg.eval_seed)
     seen = seen_in_training(pred.art.manifest, used)
-    if seen and f.kind == "source":
+    if seen and f.kind != "pooled":
         notes.append(f"{seen} held-out image(s) have the same content as training images of other sources")
         warn(f"{f.name}: {notes[-1]}: the held-out figure is optimistic")
     sens = {c: {"value": m.per_class[c]["sensitivity"], "ci95": m.ci95.get(f"sensitivity/{c}"),
@@ -470,14 +548,23 @@ def crossval_markdown(res: CrossvalResult) -> str:
     classes = sorted({c for f in res.folds for c in f.classes})
     head = ["Fold", "Held out", "Split", "n", "Accuracy [95% CI]", "Balanced accuracy [95% CI]",
             *[f"Sensitivity {c} [95% CI]" for c in classes], "Seconds"]
-    lines = ["# Leave-one-source-out cross-validation", "",
-             f"Data: {', '.join(res.config['data'])}. Each held-out fold trains on every other source and is "
-             "evaluated on the held-out source's images; the pooled fold trains on every source and is evaluated "
-             "on the pooled split shown. Intervals: 95% percentile bootstrap "
-             f"({res.config['crossval']['n_boot']} resamples).", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    cv = res.config["crossval"]
+    group = cv.get("by") == "group"
+    if group:
+        on = f"source {cv['source']}" if cv.get("source") else "every image"
+        intro = [f"# Patient-grouped {cv['folds']}-fold cross-validation", "",
+                 f"Data: {', '.join(res.config['data'])} ({on}). Every image is in one of {cv['folds']} folds, a "
+                 "patient's (and a duplicate group's) images in the same fold; each fold's model trains on the other "
+                 "folds' train/valid images and is evaluated on its fold's images."]
+    else:
+        intro = ["# Leave-one-source-out cross-validation", "",
+                 f"Data: {', '.join(res.config['data'])}. Each held-out fold trains on every other source and is "
+                 "evaluated on the held-out source's images; the pooled fold trains on every source and is evaluated "
+                 "on the pooled split shown."]
+    intro[-1] += f" Intervals: 95% percentile bootstrap ({cv['n_boot']} resamples)."
+    lines = intro + ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for f in res.folds:
-        held = f.held_out if f.kind == "source" else "none (every source)"
+        held = f.held_out if f.kind != "pooled" else "none (every source)"
         if f.status != "done":
             cells = [f.name, held, f.split, "", "not computed yet" if f.status == "pending" else "skipped", "",
                      *["" for _ in classes], ""]
@@ -488,9 +575,16 @@ def crossval_markdown(res: CrossvalResult) -> str:
                      _ci(f.balanced_accuracy, f.balanced_accuracy_ci95), *sens, f"{f.seconds:.0f}"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     s = res.summary()
-    lines += ["", f"Mean held-out balanced accuracy over {s['held_out_folds_done']} source(s): "
+    lines += ["", f"Mean held-out balanced accuracy over {s['held_out_folds_done']} {'fold' if group else 'source'}(s): "
               f"{_fmt(s['held_out_balanced_accuracy_mean'])} (range {_fmt(s['held_out_balanced_accuracy_min'])} to "
-              f"{_fmt(s['held_out_balanced_accuracy_max'])}); pooled: {_fmt(s['pooled_balanced_accuracy'])}."]
+              f"{_fmt(s['held_out_balanced_accuracy_max'])})"]
+    if group:
+        oof = s.get("out_of_fold")
+        lines[-1] += ("; out of fold (every image scored once, every fold's confusion matrix summed): "
+                      + (f"n {oof['n']}, accuracy {oof['accuracy']:.3f}, balanced accuracy "
+                         f"{oof['balanced_accuracy']:.3f}." if oof else "when every fold is done."))
+    else:
+        lines[-1] += f"; pooled: {_fmt(s['pooled_balanced_accuracy'])}."
     notes = [(f.name, f.reason) for f in res.folds if f.reason]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {name}: {reason}" for name, reason in notes]
@@ -502,6 +596,8 @@ def crossval_figure(res: CrossvalResult):
     """Per held-out source balanced accuracy with 95% whiskers, the pooled figure as a line."""
     from matplotlib.figure import Figure
 
+    cv = res.config["crossval"]
+    group = cv.get("by") == "group"
     done = [f for f in res.source_folds if f.status == "done" and f.balanced_accuracy is not None]
     fig = Figure(figsize=(max(6.0, 1.1 * len(done) + 3), 4.4), dpi=100)
     ax = fig.add_subplot()
@@ -511,8 +607,11 @@ def crossval_figure(res: CrossvalResult):
     hi = np.array([f.balanced_accuracy_ci95[1] - f.balanced_accuracy if f.balanced_accuracy_ci95 else 0.0 for f in done])
     if len(done):
         ax.errorbar(x, ba, yerr=np.vstack([lo, hi]), fmt="o", color="tab:blue", ecolor="tab:blue", capsize=5,
-                    label="held-out source (95% CI)")
-    pooled = res.pooled
+                    label=f"held-out {'fold' if group else 'source'} (95% CI)")
+    pooled, oof = res.pooled, res.out_of_fold() if group else None
+    if oof:
+        ax.axhline(oof["balanced_accuracy"], color="tab:orange", ls="--",
+                   label=f"out of fold, n={oof['n']} ({oof['balanced_accuracy']:.3f})")
     if pooled is not None and pooled.status == "done":
         ax.axhline(pooled.balanced_accuracy, color="tab:orange", ls="--",
                    label=f"pooled {pooled.split} ({pooled.balanced_accuracy:.3f})")
@@ -525,7 +624,8 @@ def crossval_figure(res: CrossvalResult):
     ax.set_xlim(-0.6, max(len(done) - 0.4, 0.6))
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("balanced accuracy")
-    ax.set_title("Leave-one-source-out: balanced accuracy on the held-out source"
+    ax.set_title((f"Patient-grouped {cv['folds']}-fold: balanced accuracy on the held-out fold" if group else
+                  "Leave-one-source-out: balanced accuracy on the held-out source")
                  + (f"\n({len(res.pending)} fold(s) not computed yet)" if res.pending else ""), fontsize=10)
     if not done:
         ax.text(0.5, 0.5, "no held-out fold finished yet", ha="center", va="center", transform=ax.transAxes)
@@ -564,8 +664,9 @@ def parse_train_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             raise CxrError(f"--set {pair!r}: give FIELD=VALUE (e.g. widths=32,64,128,256)")
         if key not in fields:
             raise CxrError(f"--set {pair!r}: {key!r} is not a training option (known: {', '.join(sorted(fields))})")
-        if key in ("data", "run", "exclude_sources"):
-            raise CxrError(f"--set {pair!r}: {key} is set by crossval itself (use DATA arguments or --exclude-source)")
+        if key in _FOLD_FIELDS:
+            raise CxrError(f"--set {pair!r}: {key} is set by crossval itself (use DATA arguments, --exclude-source, "
+                           "--by group --folds K)")
         default = getattr(defaults, key)
         try:
             out[key] = _coerce(raw.strip(), default)

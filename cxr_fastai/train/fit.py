@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, ONE_CYCLE, TrainConfig, resolve_device, write_json
 from ..data.audit import cheap_checks
-from ..data.discover import check_items_exist, check_trainable, discover, scan
+from ..data.discover import check_items_exist, check_trainable, discover, group_folds, scan
 from ..errors import CxrError, DataError, RunError
 from ..io.files import atomic_save_path, atomic_write_text
 from ..model import MIN_SIZE, ResNet9
@@ -133,6 +134,9 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CxrError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none"):
         raise CxrError("--balance and --augment work on the cached data path; drop --data-path pil")
+    if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
+        raise CxrError(f"group_folds {cfg.group_folds} / holdout_fold {cfg.holdout_fold}: give k >= 2 folds and a "
+                       "held-out fold from 0 to k-1")
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -210,6 +214,12 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
             raise DataError(f"{ds.root}: no images from source {unknown[0]!r} to exclude "
                             f"(sources: {', '.join(sorted(set(ds.items.source) - {''})) or 'none'})")
         ds.items = ds.items[~ds.items.source.isin(cfg.exclude_sources)].reset_index(drop=True)
+    if cfg.group_folds:
+        fold = np.asarray(group_folds(ds.items.label.tolist(), ds.items.patient_id.tolist(), ds.items.group.tolist(),
+                                      cfg.group_folds, cfg.seed))
+        log(f"patient-grouped fold {cfg.holdout_fold + 1} of {cfg.group_folds} left out of training: "
+            f"{int((fold == cfg.holdout_fold).sum())} image(s)")
+        ds.items = ds.items[fold != cfg.holdout_fold].reset_index(drop=True)
     classes = check_trainable(ds)
     log(f"data: {ds.where} ({ds.layout}); classes {', '.join(classes)}; scanning {len(ds.items)} images")
     other = ds.items[~ds.items.split.isin(("train", "valid"))]
