@@ -384,3 +384,27 @@ def test_group_options_are_checked_in_one_line(tmp_path):
     assert r.exit_code != 0 and "no images from source 'nowhere'" in r.output
     r = cli("crossval", data, "--out", tmp_path / "o", "--by", "group", "--folds", 40)
     assert r.exit_code != 0 and "at least 40 patients" in r.output
+
+
+def test_series_config_holds_only_its_own_kind_of_fields():
+    """A leave-one-source-out series file written before k-fold existed must still match (and resume)."""
+    from cxr_fastai.config import CrossvalConfig, TrainConfig
+    from cxr_fastai.evaluate.crossval import series_config
+
+    loso = series_config(TrainConfig(data=("a",)), CrossvalConfig(), ["a"])
+    assert set(loso["crossval"]) == {"by", "split", "all_sources", "pooled", "n_boot", "eval_seed"}
+    assert not {"group_folds", "holdout_fold", "run", "data"} & set(loso["train"])
+    kfold = series_config(TrainConfig(data=("a",)), CrossvalConfig(by="group", folds=4, source="s"), ["a"])
+    assert kfold["crossval"]["folds"] == 4 and kfold["crossval"]["source"] == "s"
+    assert not {"pooled", "all_sources"} & set(kfold["crossval"])
+
+
+def test_a_bad_held_out_fold_is_refused_before_any_work(tmp_path):
+    from cxr_fastai.config import TrainConfig
+    from cxr_fastai.errors import CxrError
+    from cxr_fastai.train.fit import validate_config
+
+    for folds, k in ((1, 0), (3, 3), (3, -1)):
+        with pytest.raises(CxrError, match="held-out fold"):
+            validate_config(TrainConfig(data=(str(tmp_path),), run=str(tmp_path / "r"), group_folds=folds,
+                                        holdout_fold=k))
