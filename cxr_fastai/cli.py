@@ -512,9 +512,6 @@ def crossval_cmd(
         _out_folder(out, "--out")
         extra = parse_train_overrides(set_)
         tcfg = _train_config(data, values).replace(**extra)
-        if source is not None and by is not CrossvalBy.group:
-            raise CxrError("--source picks the one source of --by group; leave-one-source-out uses them all "
-                           "(leave sources out of every fold with --exclude-source)")
         cfg = CrossvalConfig(by=by.value, folds=folds, source=source or "", split=split.value, all_sources=all_sources,
                              pooled=pooled and by is CrossvalBy.source, n_boot=n_boot)
         pcfg = PredictConfig(device=device.value, tta=tta)

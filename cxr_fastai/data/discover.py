@@ -323,6 +323,11 @@ def group_folds(labels: Sequence[str], patient_ids: Sequence[str], groups: Seque
     return fold.tolist()
 
 
+def item_folds(items: pd.DataFrame, k: int, seed: int) -> np.ndarray:
+    """group_folds over discover's item rows (label, patient_id, group), as one array."""
+    return np.asarray(group_folds(items.label.tolist(), items.patient_id.tolist(), items.group.tolist(), k, seed))
+
+
 def _check(ds: Dataset) -> None:
     root = ds.root
     if len(ds.items) == 0:

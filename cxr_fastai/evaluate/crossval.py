@@ -254,7 +254,7 @@ def plan_group_folds(items: pd.DataFrame, cfg: CrossvalConfig, always_excluded: 
                      where: str = "the data", seed: int = 0) -> list[_Fold]:
     """Patient-grouped K-fold over the images left after `always_excluded` (and, with cfg.source, of that source
     only): fold k's training leaves fold k out (`TrainConfig.holdout_fold`), its figures are on fold k's images."""
-    from ..data.discover import group_folds
+    from ..data.discover import item_folds
 
     if cfg.folds < 2:
         raise CxrError(f"crossval --folds {cfg.folds}: give 2 or more")
@@ -266,8 +266,7 @@ def plan_group_folds(items: pd.DataFrame, cfg: CrossvalConfig, always_excluded: 
         exclude += tuple(sorted(have - {cfg.source}))
     # exactly the images a fold's training starts from (train.fit.prepare_run), so both number the folds alike
     items = items[~items.source.isin(exclude)].reset_index(drop=True)
-    fold = np.asarray(group_folds(items.label.tolist(), items.patient_id.tolist(), items.group.tolist(), cfg.folds,
-                                  seed))
+    fold = item_folds(items, cfg.folds, seed)
     folds = []
     for k in range(cfg.folds):
         mine, rest = items[fold == k], items[fold != k]

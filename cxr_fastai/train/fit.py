@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, ONE_CYCLE, TrainConfig, resolve_device, write_json
 from ..data.audit import cheap_checks
-from ..data.discover import check_items_exist, check_trainable, discover, group_folds, scan
+from ..data.discover import check_items_exist, check_trainable, discover, item_folds, scan
 from ..errors import CxrError, DataError, RunError
 from ..io.files import atomic_save_path, atomic_write_text
 from ..model import MIN_SIZE, ResNet9
@@ -215,8 +214,7 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
                             f"(sources: {', '.join(sorted(set(ds.items.source) - {''})) or 'none'})")
         ds.items = ds.items[~ds.items.source.isin(cfg.exclude_sources)].reset_index(drop=True)
     if cfg.group_folds:
-        fold = np.asarray(group_folds(ds.items.label.tolist(), ds.items.patient_id.tolist(), ds.items.group.tolist(),
-                                      cfg.group_folds, cfg.seed))
+        fold = item_folds(ds.items, cfg.group_folds, cfg.seed)
         log(f"patient-grouped fold {cfg.holdout_fold + 1} of {cfg.group_folds} left out of training: "
             f"{int((fold == cfg.holdout_fold).sum())} image(s)")
         ds.items = ds.items[fold != cfg.holdout_fold].reset_index(drop=True)
