@@ -33,12 +33,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from last_layer import default_roots, summary
 
 
-def load_arrays(art, paths: list[str], workers: int = 2) -> list[np.ndarray]:
-    """Every image as predict sees it (contrast step, squashed to the model's size)."""
-    from cxr_fastai.io.images import apply_contrast, decode_many, squash
+def load_arrays(pred, paths: list[str], workers: int = 2) -> list[np.ndarray]:
+    """Every image as the torch Predictor shrinks it (contrast step, squashed to the model's size)."""
+    from cxr_fastai.io.images import decode_many
 
     out: list[np.ndarray | None] = [None] * len(paths)
-    for i, arr, err in decode_many(paths, workers=workers, fn=lambda a: squash(apply_contrast(a, art.contrast), art.size)):
+    for i, arr, err in decode_many(paths, workers=workers, fn=pred.shrink):
         if arr is None:
             raise SystemExit(f"{paths[i]}: {err}")
         out[i] = arr
@@ -88,14 +88,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cxr_fastai.artifact.export import load_model, read_manifest
+    from cxr_fastai.artifact.export import read_manifest
+    from cxr_fastai.artifact.predict import Predictor
     from cxr_fastai.data.discover import discover
     from cxr_fastai.metrics import compute_metrics
 
     if a.threads:
         torch.set_num_threads(a.threads)
     art = read_manifest(a.artifact)
-    model = load_model(art).eval()
+    pred = Predictor(art)
+    model = pred.model
     items = discover(a.data or default_roots()).items
     items = items[items.label.isin(art.classes)].reset_index(drop=True)
     index = {c: i for i, c in enumerate(art.classes)}
@@ -110,8 +112,8 @@ def main(argv=None) -> int:
             print(f"{src}: needs {a.fit} and {score} images; skipped")
             continue
         t0 = time.time()
-        adapted = adapt_bn(model, art, load_arrays(art, fit.path.astype(str).tolist()))
-        x = load_arrays(art, test.path.astype(str).tolist())
+        adapted = adapt_bn(model, art, load_arrays(pred, fit.path.astype(str).tolist()))
+        x = load_arrays(pred, test.path.astype(str).tolist())
         y = test.label.map(index).to_numpy()
         row = {"adapted_on": len(fit), "n_scored": len(test)}
         for name, m in (("as trained", model), ("BN adapted", adapted)):

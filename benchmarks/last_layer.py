@@ -48,25 +48,21 @@ def default_roots() -> list[Path]:
     return [parent / "cxr3", parent / "cxr3-adult"]
 
 
-def features(model, art, paths: list[str], bs: int = 256, workers: int = 2) -> np.ndarray:
-    """The head's input for every path, preprocessed as the torch Predictor does (no TTA)."""
+def features(pred, paths: list[str], bs: int = 256, workers: int = 2) -> np.ndarray:
+    """The head's input for every path, each image preprocessed by the torch Predictor's own steps (no TTA)."""
     import torch
 
-    from cxr_fastai.data.augment import to_model_input
-    from cxr_fastai.io.images import apply_contrast, decode_many, squash
+    from cxr_fastai.io.images import decode_many
 
-    out = np.zeros((len(paths), model.head.in_features), np.float32)
+    out = np.zeros((len(paths), pred.model.head.in_features), np.float32)
     t0, batch, idx = time.time(), [], []
-
-    def shrink(a):
-        return squash(apply_contrast(a, art.contrast), art.size)
 
     def flush():
         with torch.inference_mode():
-            out[idx] = model.embed(to_model_input(batch, art.mean, art.std, "cpu")).numpy()
+            out[idx] = pred.model.embed(pred.preprocess(batch)).cpu().numpy()
         batch.clear(), idx.clear()
 
-    for i, arr, err in decode_many(paths, workers=workers, fn=shrink):
+    for i, arr, err in decode_many(paths, workers=workers, fn=pred.shrink):
         if arr is None:
             raise SystemExit(f"{paths[i]}: {err}")
         batch.append(arr), idx.append(i)
@@ -114,7 +110,8 @@ def main(argv=None) -> int:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from cxr_fastai.artifact.export import load_model, read_manifest
+    from cxr_fastai.artifact.export import read_manifest
+    from cxr_fastai.artifact.predict import Predictor
     from cxr_fastai.data.discover import discover
     from cxr_fastai.data.loaders import sampling_weights
     from cxr_fastai.metrics import compute_metrics
@@ -123,7 +120,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     roots = a.data or default_roots()
     art = read_manifest(a.artifact)
-    model = load_model(art).eval()
+    pred = Predictor(art)
+    model = pred.model
     items = discover(roots).items
     items = items[items.split.isin(["train", "valid", "test"]) & items.label.isin(art.classes)].reset_index(drop=True)
     paths = items.path.astype(str).tolist()
@@ -133,7 +131,7 @@ def main(argv=None) -> int:
         F = cached["feats"]
     else:
         t0 = time.time()
-        F = features(model, art, paths)
+        F = features(pred, paths)
         print(f"features: {len(paths)} images in {time.time() - t0:.0f} s", file=sys.stderr)
         if a.features:
             np.savez(a.features, feats=F, paths=np.array(paths))
