@@ -25,6 +25,7 @@ differ). Nothing else is written; no model is changed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -46,7 +47,8 @@ def member_probs(artifact: Path, paths: list[str], classes: list[str], cache: Pa
     from cxr_fastai.artifact.predict import iter_probs, load_predictor
     from cxr_fastai.config import PredictConfig
 
-    f = cache / f"{artifact.name}.npz" if cache else None
+    key = hashlib.sha1(str(artifact.resolve()).encode()).hexdigest()[:10]   # fold models are all called "model"
+    f = cache / f"{artifact.name}-{key}.npz" if cache else None
     if f is not None and f.is_file():
         z = np.load(f)
         if z["paths"].tolist() == paths:
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
     P = [member_probs(art, paths, classes, a.cache) for art in a.artifacts]
 
     names = [p.name for p in a.artifacts]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in a.artifacts]
     candidates = [((i,), P[i]) for i in range(len(P))]
     for k in range(2, len(P) + 1):
         candidates += [(c, np.mean([P[i] for i in c], axis=0)) for c in itertools.combinations(range(len(P)), k)]
