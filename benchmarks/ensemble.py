@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from last_layer import default_roots, summary
+from last_layer import default_roots, test_by_root, valid_row
 
 
 def member_probs(artifact: Path, paths: list[str], classes: list[str], cache: Path | None) -> np.ndarray:
@@ -85,7 +84,6 @@ def main(argv=None) -> int:
 
     from cxr_fastai.artifact.export import read_manifest
     from cxr_fastai.data.discover import discover
-    from cxr_fastai.metrics import compute_metrics
 
     roots = a.data or default_roots()
     classes = list(read_manifest(a.artifacts[0]).classes)
@@ -108,14 +106,7 @@ def main(argv=None) -> int:
     def label(c):
         return " + ".join(names[i] for i in c)
 
-    rows = []
-    for c, p in candidates:
-        m = compute_metrics(y[va], p[va], classes, sources=src[va].tolist(), n_boot=0)
-        per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
-        ws = next(iter(per))
-        rows.append({"members": [names[i] for i in c], "worst_source": ws, "worst_balanced_accuracy": per[ws],
-                     "pooled_accuracy": m.accuracy, "pooled_balanced_accuracy": m.balanced_accuracy,
-                     "balanced_accuracy_by_source": per})
+    rows = [{"members": [names[i] for i in c], **valid_row(y, p, classes, src, va)} for c, p in candidates]
     ref = rows[0]
     for r in rows:
         r["allowed"] = r["pooled_accuracy"] >= ref["pooled_accuracy"] - a.max_drop
@@ -128,23 +119,10 @@ def main(argv=None) -> int:
     result = {"data": [str(r) for r in roots], "members": [str(p) for p in a.artifacts], "valid": rows,
               "chosen": rows[best]["members"], "test": {}}
     show = range(len(candidates)) if a.all_test else sorted({0, best})
+    paths_s = items.path.astype(str)
     for j in show:
         c, p = candidates[j]
-        per_root = {}
-        for root in roots:
-            m = te & items.path.astype(str).str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
-            if m.any():
-                per_root[Path(root).name] = summary(compute_metrics(y[m], p[m], classes, sources=src[m].tolist()))
-        result["test"][label(c)] = per_root
-        print(f"test, {label(c)}:")
-        for root, s in per_root.items():
-            lo, hi = s["accuracy_ci95"]
-            blo, bhi = s["balanced_accuracy_ci95"]
-            print(f"  {root}: n {s['n']}, accuracy {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], balanced "
-                  f"{s['balanced_accuracy']:.3f} [{blo:.3f}, {bhi:.3f}]")
-            for sname, f in s["per_source"].items():
-                sens = ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_sensitivity"].items() if v is not None)
-                print(f"    {sname}: n {f['n']}, accuracy {f['accuracy']:.3f}, balanced {f['balanced_accuracy']:.3f} ({sens})")
+        result["test"][label(c)] = test_by_root(label(c), y, p, classes, src, paths_s, te, roots)
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return 0

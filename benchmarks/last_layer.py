@@ -92,6 +92,38 @@ def summary(m) -> dict:
             "per_source": d["per_source"]}
 
 
+def valid_row(y, p, classes, src, mask) -> dict:
+    """The choice's figures on the `mask` rows: the worst source's balanced accuracy first, then the pooled ones."""
+    from cxr_fastai.metrics import compute_metrics
+
+    m = compute_metrics(y[mask], p[mask], classes, sources=src[mask].tolist(), n_boot=0)
+    per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
+    ws = next(iter(per))   # worst first
+    return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
+            "pooled_balanced_accuracy": m.balanced_accuracy, "balanced_accuracy_by_source": per}
+
+
+def test_by_root(name, y, p, classes, src, paths, mask, roots) -> dict:
+    """Test figures (bootstrap intervals, per source) for each root's `mask` rows, printed and returned."""
+    from cxr_fastai.metrics import compute_metrics
+
+    per_root = {}
+    for root in roots:
+        m = mask & paths.str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
+        if m.any():
+            per_root[Path(root).name] = summary(compute_metrics(y[m], p[m], classes, sources=src[m].tolist()))
+    print(f"test, {name}:")
+    for root, s in per_root.items():
+        lo, hi = s["accuracy_ci95"]
+        blo, bhi = s["balanced_accuracy_ci95"]
+        print(f"  {root}: n {s['n']}, accuracy {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], balanced "
+              f"{s['balanced_accuracy']:.3f} [{blo:.3f}, {bhi:.3f}]")
+        for so, f in s["per_source"].items():
+            sens = ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_sensitivity"].items() if v is not None)
+            print(f"    {so}: n {f['n']}, accuracy {f['accuracy']:.3f}, balanced {f['balanced_accuracy']:.3f} ({sens})")
+    return per_root
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
@@ -114,7 +146,6 @@ def main(argv=None) -> int:
     from cxr_fastai.artifact.predict import Predictor
     from cxr_fastai.data.discover import discover
     from cxr_fastai.data.loaders import sampling_weights
-    from cxr_fastai.metrics import compute_metrics
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -146,14 +177,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         p0 = torch.softmax(model.head(torch.from_numpy(F)), dim=1).numpy()
 
-    def valid_row(p):
-        m = compute_metrics(y[va], p[va], art.classes, sources=src[va].tolist(), n_boot=0)
-        per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
-        ws = next(iter(per))   # worst first
-        return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
-                "balanced_accuracy_by_source": per}
-
-    base = valid_row(p0)
+    base = valid_row(y, p0, art.classes, src, va)
     print(f"trained head: valid worst source {base['worst_source']} {base['worst_balanced_accuracy']:.3f}, "
           f"pooled valid accuracy {base['pooled_accuracy']:.3f}")
     scaler = StandardScaler().fit(F[tr])
@@ -167,7 +191,7 @@ def main(argv=None) -> int:
             for C in CS:
                 lr = LogisticRegression(C=C, max_iter=3000).fit(Z[tr], y[tr], sample_weight=w)
                 p = lr.predict_proba(Z)
-                row = {"balance": balance, "alpha": alpha, "C": C, **valid_row(p)}
+                row = {"balance": balance, "alpha": alpha, "C": C, **valid_row(y, p, art.classes, src, va)}
                 row["allowed"] = row["pooled_accuracy"] >= base["pooled_accuracy"] - a.max_drop
                 rows.append(row)
                 print(f"  {balance:17s} alpha {alpha:<4} C {C:<6} valid worst {row['worst_source']} "
@@ -186,20 +210,9 @@ def main(argv=None) -> int:
     for name, row in [("trained head", base)] + ([("chosen head", best[0])] if best else []):
         print(f"valid by source, {name}: " + ", ".join(f"{s} {v:.3f}" for s, v in row["balanced_accuracy_by_source"].items()))
     result["test"] = {}
+    paths_s = items.path.astype(str)
     for name, p in heads:
-        per_root = {}
-        for root in roots:
-            m = te & items.path.astype(str).str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
-            if m.any():
-                per_root[Path(root).name] = summary(compute_metrics(y[m], p[m], art.classes, sources=src[m].tolist()))
-        result["test"][name] = per_root
-        print(f"test, {name}:")
-        for root, s in per_root.items():
-            lo, hi = s["accuracy_ci95"]
-            print(f"  {root}: accuracy {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], balanced {s['balanced_accuracy']:.3f} (n={s['n']})")
-            for so, f in s["per_source"].items():
-                sens = ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_sensitivity"].items() if v is not None)
-                print(f"    {so} (n={f['n']}): accuracy {f['accuracy']:.3f}, balanced {f['balanced_accuracy']:.3f}; {sens}")
+        result["test"][name] = test_by_root(name, y, p, art.classes, src, paths_s, te, roots)
     if "PNEUMONIA" in art.classes:
         k = art.classes.index("PNEUMONIA")
         result["oracle"] = {}
