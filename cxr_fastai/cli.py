@@ -179,6 +179,7 @@ RECIPE = {
     "balance": typer.Option(Balance(D.balance), "--balance", help="Draw training images so that every class (class), every class x source stratum (class-source), or every class and within it every source (class-then-source) is seen equally often."),
     "augment": typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch; texture: light plus per-image gamma, blur and noise."),
     "contrast": typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
+    "mixup": typer.Option(D.mixup, "--mixup", min=0.0, max=10.0, help="MixUp: blend each training image and its loss with another of the batch, weight from Beta(ALPHA, ALPHA) (fastai's MixUp; 0.4 is its default); 0 = off."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }
 
@@ -192,7 +193,7 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
                        cache_dir=str(v["cache_dir"] or ""), label_smoothing=v["label_smoothing"],
                        class_weights=v["class_weights"], exclude_sources=tuple(v["exclude_source"]),
                        balance=v["balance"].value, augment=v["augment"].value, contrast=v["contrast"].value,
-                       opt=v["opt"].value, **extra)
+                       mixup=v["mixup"], opt=v["opt"].value, **extra)
 
 
 @app.command()
@@ -218,6 +219,7 @@ def train(
     balance: Balance = RECIPE["balance"],
     augment: Augment = RECIPE["augment"],
     contrast: Contrast = RECIPE["contrast"],
+    mixup: float = RECIPE["mixup"],
     opt: OptKind = RECIPE["opt"],
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -495,6 +497,7 @@ def crossval_cmd(
     balance: Balance = RECIPE["balance"],
     augment: Augment = RECIPE["augment"],
     contrast: Contrast = RECIPE["contrast"],
+    mixup: float = RECIPE["mixup"],
     exclude_source: List[str] = RECIPE["exclude_source"],
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),

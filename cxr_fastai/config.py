@@ -56,6 +56,8 @@ class TrainConfig:
                                    # texture: light, then per-image gamma, blur and noise
     contrast: str = "none"         # none | equalize: per-image histogram equalisation at read time, applied by
                                    # every consumer (recorded in run.json and the manifest)
+    mixup: float = 0.0             # MixUp (fastai's callback) with this Beta(alpha, alpha); 0 = off. Training batches
+                                   # only: each image is blended with another of the batch, the loss likewise
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it

@@ -166,3 +166,49 @@ def test_exclude_source_leaves_those_images_out_and_names_an_unknown_source(tmp_
     assert not set(used.path) & {str((data / q).resolve()) for q in df.path[df.source == "siteB"]}
     bad = cli("train", data, "--run", tmp_path / "run2", "--exclude-source", "nowhere")
     assert bad.exit_code == 1 and "nowhere" in bad.stderr and not (tmp_path / "run2").exists()
+
+
+def test_mixup_blends_training_batches_only_and_a_seeded_run_repeats(tiny):
+    """--mixup: each training image becomes lam * itself + (1 - lam) * another image of the batch (lam >= 0.5),
+    validation batches are left alone, the loss function is put back after training, and the draws are seeded."""
+    import fastai.callback.schedule  # noqa: F401
+    from fastai.callback.core import Callback
+    from fastai.callback.mixup import MixUp
+    from fastai.torch_core import set_seed
+
+    from cxr_fastai.train.fit import make_learner
+
+    class Look(Callback):  # sees the batch before MixUp (order -5) or after it (order 5)
+        def __init__(self, order): self.order, self.seen = order, []
+        def before_batch(self): self.seen.append((self.training, self.learn.xb[0].detach().clone()))
+
+    items, classes, stats, _, _ = tiny
+    cfg = TrainConfig(size=16, bs=4, epochs=1, widths=(4, 8, 8, 8), mixup=0.4)
+    losses = []
+    for _ in range(2):
+        set_seed(0, reproducible=True)
+        learn = make_learner(cfg, _dls(tiny, cfg), len(classes))
+        mix = [cb for cb in learn.cbs if isinstance(cb, MixUp)]
+        assert len(mix) == 1
+        plain_loss = learn.loss_func
+        before, after = Look(-5), Look(5)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, 1e-3, cbs=[before, after])
+        assert learn.loss_func is plain_loss
+        losses.append(torch.stack(learn.recorder.losses))
+    pairs = list(zip(before.seen, after.seen))
+    train = [(x, m) for (t, x), (_, m) in pairs if t]
+    valid = [(x, m) for (t, x), (_, m) in pairs if not t]
+    assert len(train) == len(items[items.split == "train"]) // 4 and valid
+    assert all(torch.equal(x, m) for x, m in valid)
+    lam = mix[0].lam  # the last training batch's weights
+    x, m = train[-1]
+    assert (lam >= 0.5).all() and not torch.equal(x, m)
+    keep = lam < 0.999  # where the other image's share is big enough to recover it
+    w = lam.view(-1, 1, 1, 1)
+    other = ((m - w * x) / (1 - w))[keep].flatten(1)
+    dist = torch.cdist(other, x.flatten(1))  # each recovered partner is one of the batch's own images
+    assert dist.min(1).values.max() < 1e-3 * x.abs().max()
+    assert torch.equal(losses[0], losses[1])
+    plain = make_learner(cfg.replace(mixup=0.0), _dls(tiny, cfg), len(classes))
+    assert not [cb for cb in plain.cbs if isinstance(cb, MixUp)]

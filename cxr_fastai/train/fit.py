@@ -99,6 +99,10 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
                     splitter=decay_groups, wd=group_wd(cfg), metrics=[accuracy, BalancedAccuracy()],
                     cbs=[GradientClip(cfg.clip), SmoothLossOnDevice(), EpochSeed()], path=path or Path("."),
                     model_dir="checkpoints")
+    if cfg.mixup > 0:  # its own draws come from torch's generator, which EpochSeed seeds: resumes stay identical
+        from fastai.callback.mixup import MixUp
+
+        learn.add_cb(MixUp(cfg.mixup))
     if cuda:
         import torch
 
@@ -133,6 +137,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CxrError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none"):
         raise CxrError("--balance and --augment work on the cached data path; drop --data-path pil")
+    if cfg.mixup < 0:
+        raise CxrError(f"--mixup {cfg.mixup} is negative: give a Beta alpha > 0, or 0 for no MixUp")
+    if cfg.mixup > 0 and cfg.bs < 2:
+        raise CxrError("--mixup blends images within a batch: give --bs 2 or more")
     if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
         raise CxrError(f"group_folds {cfg.group_folds} / holdout_fold {cfg.holdout_fold}: give k >= 2 folds and a "
                        "held-out fold from 0 to k-1")
