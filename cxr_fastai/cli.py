@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .config import AUGMENT, BALANCE, CONTRAST, AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
+from .config import AUGMENT, BALANCE, CONTRAST, MIXUP_PAIRS, AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
 from .errors import CxrError
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ class OptKind(str, Enum):
 Balance = Enum("Balance", {v: v for v in BALANCE}, type=str)
 Augment = Enum("Augment", {v: v for v in AUGMENT}, type=str)
 Contrast = Enum("Contrast", {v: v for v in CONTRAST}, type=str)
+MixupPairs = Enum("MixupPairs", {v: v for v in MIXUP_PAIRS}, type=str)
 
 
 class Format(str, Enum):
@@ -180,6 +181,7 @@ RECIPE = {
     "augment": typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch; texture: light plus per-image gamma, blur and noise."),
     "contrast": typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
     "mixup": typer.Option(D.mixup, "--mixup", min=0.0, max=10.0, help="MixUp: blend each training image and its loss with another of the batch, weight from Beta(ALPHA, ALPHA) (fastai's MixUp; 0.4 is its default); 0 = off."),
+    "mixup_pairs": typer.Option(MixupPairs(D.mixup_pairs), "--mixup-pairs", help="With --mixup: random (fastai's MixUp) or lisa: half the time a partner of the same class from another source, else of the same source and another class (Yao et al. 2022)."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }
 
@@ -193,7 +195,7 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
                        cache_dir=str(v["cache_dir"] or ""), label_smoothing=v["label_smoothing"],
                        class_weights=v["class_weights"], exclude_sources=tuple(v["exclude_source"]),
                        balance=v["balance"].value, augment=v["augment"].value, contrast=v["contrast"].value,
-                       mixup=v["mixup"], opt=v["opt"].value, **extra)
+                       mixup=v["mixup"], mixup_pairs=v["mixup_pairs"].value, opt=v["opt"].value, **extra)
 
 
 @app.command()
@@ -220,6 +222,7 @@ def train(
     augment: Augment = RECIPE["augment"],
     contrast: Contrast = RECIPE["contrast"],
     mixup: float = RECIPE["mixup"],
+    mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
     opt: OptKind = RECIPE["opt"],
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -498,6 +501,7 @@ def crossval_cmd(
     augment: Augment = RECIPE["augment"],
     contrast: Contrast = RECIPE["contrast"],
     mixup: float = RECIPE["mixup"],
+    mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
     exclude_source: List[str] = RECIPE["exclude_source"],
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),

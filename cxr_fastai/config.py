@@ -11,6 +11,7 @@ SPLITS = ("train", "valid", "test")
 BALANCE = ("none", "class", "class-source", "class-then-source")
 AUGMENT = ("none", "light", "texture")
 CONTRAST = ("none", "equalize")
+MIXUP_PAIRS = ("random", "lisa")
 RUNTIMES = ("torch", "onnx")    # predict/evaluate: the safetensors weights in PyTorch | model.onnx in onnxruntime
 
 # fastai's Adam defaults, used whichever optimizer class runs them (train, and the bench's plain loop)
@@ -58,6 +59,9 @@ class TrainConfig:
                                    # every consumer (recorded in run.json and the manifest)
     mixup: float = 0.0             # MixUp (fastai's callback) with this Beta(alpha, alpha); 0 = off. Training batches
                                    # only: each image is blended with another of the batch, the loss likewise
+    mixup_pairs: str = "random"    # random: fastai's MixUp (any partner) | lisa: selective (Yao et al. 2022): per image,
+                                   # half the time a partner of the same class from another source, else one of
+                                   # the same source and another class (cached path)
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it

@@ -125,6 +125,68 @@ def test_balanced_draws_are_seeded_by_epoch(two_site_run):
     assert len(a) == dl.n and len(set(a)) < dl.n   # drawn with replacement
 
 
+def test_lisa_partners_share_the_class_across_sources_or_the_source_across_classes():
+    import torch
+
+    from cxr_fastai.train.callbacks import pick_partners
+
+    y, g = torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 0, 1, 0])
+    by_label = torch.tensor([True, True, True, False, True])
+    fallback = torch.tensor([4, 3, 2, 1, 0])
+    for seed in range(3):  # whatever the scores, the rule decides where only one image qualifies
+        scores = torch.rand(5, 5, generator=torch.Generator().manual_seed(seed))
+        # 0, 1: same class, other source; 2: class 1 at source 1 is image 3; 3 (by source): source 1 with
+        # another class is image 1; 4: no other image of class 2, so its fallback
+        assert pick_partners(y, g, by_label, scores, fallback).tolist() == [1, 0, 3, 1, 0]
+
+
+def test_lisa_mixup_pairs_real_batches_by_their_sources(two_site_run):
+    """--mixup-pairs lisa on the cached loader: the source ids it reads are the batch's own, every partner
+    follows the rule (or no image of the batch qualified), and the batch is lam * image + (1 - lam) * partner."""
+    import fastai.callback.schedule  # noqa: F401
+    import torch
+    from fastai.callback.core import Callback
+
+    from cxr_fastai.train.callbacks import SelectiveMixUp
+    from cxr_fastai.train.fit import learner_from_run, make_learner
+    from cxr_fastai.train.runs import load_run
+
+    class Look(Callback):
+        def __init__(self, order): self.order, self.seen = order, []
+        def before_batch(self):
+            if self.training:
+                self.seen.append((self.learn.xb[0].detach().clone(), self.y.clone(),
+                                  self.dl.groups[self.dl.last_idx].clone(), self.dl.last_idx.clone()))
+
+    info = load_run(two_site_run)
+    learn = learner_from_run(info, "cpu")
+    assert make_learner(info.cfg.replace(mixup=0.4, mixup_pairs="lisa"), learn.dls, 3).cbs.filter(
+        lambda cb: isinstance(cb, SelectiveMixUp))
+    mix, before, after = SelectiveMixUp(0.4), Look(-5), Look(5)
+    learn.add_cb(mix)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-3, cbs=[before, after])
+    train = learn.dls.train.dataset.items
+    codes = pd.factorize(train.source.astype(str), sort=True)[0]
+    rules = {"label": 0, "source": 0, "fallback": 0}
+    assert len(before.seen) == len(after.seen) > 0
+    for _, _, g, idx in before.seen:
+        assert g.tolist() == codes[idx.numpy()].tolist()   # the ids are the batch's own sources
+    x, y, g, _ = before.seen[-1]
+    p, lam, m = mix.partner, mix.lam, after.seen[-1][0]
+    assert torch.allclose(m, torch.lerp(x[p], x, lam.view(-1, 1, 1, 1)), atol=1e-6) and (lam >= 0.5).all()
+    assert torch.equal(mix.yb1[0], y[p])
+    for i, j in enumerate(p.tolist()):
+        if y[j] == y[i] and g[j] != g[i]:
+            rules["label"] += 1
+        elif g[j] == g[i] and y[j] != y[i]:
+            rules["source"] += 1
+        else:   # a random partner only where no image of the batch qualifies for either rule
+            rules["fallback"] += 1
+            assert not (((y == y[i]) & (g != g[i])).any() and ((g == g[i]) & (y != y[i])).any())
+    assert rules["label"] and rules["source"]
+
+
 def test_audit_names_a_source_that_stands_for_a_class():
     from cxr_fastai.data.audit import confounds
 

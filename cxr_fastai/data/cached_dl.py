@@ -95,15 +95,21 @@ class CachedDL(TfmdDL):
     ordinary TfmdDL over its dataset. `set_epoch(k)` (called by the Learner's `EpochSeed` callback)
     fixes the shuffle and the augmentation of the next pass to (seed, k)."""
 
-    def __init__(self, dataset=None, cache=None, seed: int = 0, epoch: int = 0, wgts=None, **kwargs):
+    def __init__(self, dataset=None, cache=None, seed: int = 0, epoch: int = 0, wgts=None, groups=None, **kwargs):
         self.cache, self.seed, self.epoch, self.wgts = cache, int(seed), int(epoch), wgts
+        # groups: (N,) int64, each cached image's source id; `last_idx`: the cache rows of the latest batch
+        # (what --mixup-pairs lisa reads to pair images across sources)
+        self.groups, self.last_idx = groups, None
         super().__init__(dataset, **kwargs)
         if self.cache is not None:
             x, y = self.cache
             if len(x) != len(y) or (self.dataset is not None and len(x) != len(self.dataset)):
                 raise ValueError(f"cache holds {len(x)} images and {len(y)} labels for {len(self.dataset)} items")
+            if self.groups is not None and len(self.groups) != len(y):
+                raise ValueError(f"{len(self.groups)} source ids for {len(y)} cached images")
             if self.device is not None:
                 self.cache = (x.to(self.device), y.to(self.device))
+                self.groups = None if self.groups is None else self.groups.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -133,12 +139,15 @@ class CachedDL(TfmdDL):
             return super().create_batch(b)
         x, y = self.cache
         idx = torch.as_tensor(b, dtype=torch.long).to(x.device, non_blocking=True)
+        self.last_idx = idx
         return CxrTensorImage(x[idx]), TensorCategory(y[idx])
 
     def to(self, device):
         super().to(device)
         if self.cache is not None:
             self.cache = tuple(t.to(device) for t in self.cache)
+        if self.groups is not None:
+            self.groups = self.groups.to(device)
         return self
 
     def new(self, dataset=None, cls=None, **kwargs):
@@ -148,9 +157,10 @@ class CachedDL(TfmdDL):
         kwargs.setdefault("seed", self.seed)
         kwargs.setdefault("epoch", self.epoch)
         kwargs.setdefault("wgts", self.wgts if same else None)
+        kwargs.setdefault("groups", self.groups if same else None)
         return super().new(dataset, cls, **kwargs)
 
     def __getstate__(self):  # never pickle the images (learn.export holds empty loaders anyway)
         d = dict(self.__dict__)
-        d["cache"] = None
+        d["cache"], d["groups"], d["last_idx"] = None, None, None
         return d

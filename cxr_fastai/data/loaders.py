@@ -113,7 +113,7 @@ def build_cached_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelSt
         bs=_bs(cfg, df), dl_type=CachedDL, device=device, after_item=dblock.item_tfms, after_batch=after_batch,
         num_workers=0, drop_last=True,
         dl_kwargs=[{"cache": (cache.x_train, cache.y_train), "seed": cfg.seed,
-                    "wgts": sampling_weights(df[~df.is_valid], cfg.balance)},
+                    "wgts": sampling_weights(df[~df.is_valid], cfg.balance), "groups": source_ids(df[~df.is_valid])},
                    {"cache": (cache.x_valid, cache.y_valid), "seed": cfg.seed}])
     dls.vocab = list(classes)
     return dls
@@ -174,6 +174,14 @@ def sampling_weights(train: pd.DataFrame, balance: str):
     if balance == "class-then-source":
         w /= train.groupby("label")["source"].transform("nunique").to_numpy(dtype=np.float64)
     return w / w.sum()
+
+
+def source_ids(train: pd.DataFrame):
+    """(N,) int64 tensor: each training image's source as a number (sources in sorted order)."""
+    import torch
+
+    codes, _ = pd.factorize(train["source"].astype(str), sort=True)
+    return torch.as_tensor(codes, dtype=torch.long)
 
 
 def _frame(items: pd.DataFrame) -> pd.DataFrame:

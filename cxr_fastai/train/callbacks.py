@@ -1,7 +1,7 @@
 """The fastai callbacks of a training run. Importing this module imports fastai.
 
 Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
-`SmoothLossOnDevice`. Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
+`SmoothLossOnDevice`, `SelectiveMixUp`. Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Callable
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.mixup import MixHandler
 from fastai.learner import AvgSmoothLoss
 from fastai.torch_core import rank_distrib
 
 from ..config import write_json
+from ..errors import CxrError
 from ..data.cached_dl import seed_for
 from ..io.files import atomic_save_path, atomic_write_text
 from .runs import BEST_METRIC, RunInfo, fmt_seconds
@@ -53,6 +55,48 @@ class EpochSeed(Callback):
             s = seed_for(s, rank)
         random.seed(s)
         torch.manual_seed(s)
+
+
+class SelectiveMixUp(MixHandler):
+    """MixUp with chosen partners (LISA, Yao et al. 2022, "Improving out-of-distribution robustness via
+    selective augmentation"). For each training image, with probability `p_label` the partner is an image of
+    the batch with the same class from another source (the mix keeps the label and blurs what tells sources
+    apart), otherwise one from the same source with another class (the source cannot explain the label).
+    An image with no such partner in its batch is mixed with a random one, as fastai's MixUp does. The
+    weight is fastai's: lam = max(b, 1 - b), b ~ Beta(alpha, alpha); the loss is mixed by MixHandler.
+    It reads the batch's source ids from the cached loader (`groups` at `last_idx`). Draws come from torch's
+    generator, which EpochSeed seeds per epoch."""
+
+    def __init__(self, alpha: float = 0.4, p_label: float = 0.5):
+        super().__init__(alpha)
+        self.p_label = float(p_label)
+
+    def before_fit(self):
+        dl = self.dls.train
+        if getattr(dl, "groups", None) is None:
+            raise CxrError("--mixup-pairs lisa reads each image's source from the cached loader in one process: "
+                           "use --data-path cached without --procs, or --mixup-pairs random")
+
+    def before_batch(self):
+        x, y = self.x, self.y
+        g = self.dl.groups[self.dl.last_idx]
+        n, dev = y.size(0), x.device
+        b = self.distrib.sample((n,)).to(dev)
+        self.lam = torch.maximum(b, 1 - b)
+        self.partner = pick_partners(y, g, torch.rand(n, device=dev) < self.p_label, torch.rand(n, n, device=dev),
+                                     torch.randperm(n, device=dev))
+        self.yb1 = (y[self.partner],)
+        self.learn.xb = (torch.lerp(x[self.partner], x, self.lam.view(-1, *[1] * (x.dim() - 1))),)
+
+
+def pick_partners(y, g, by_label, scores, fallback):
+    """Row i's partner: the highest-scoring j with y[j] == y[i] and g[j] != g[i] where by_label[i], else with
+    g[j] == g[i] and y[j] != y[i]; fallback[i] where no j qualifies. scores: (n, n) in [0, 1)."""
+    same_y, same_g = y[:, None] == y[None, :], g[:, None] == g[None, :]
+    ok = torch.where(by_label[:, None], same_y & ~same_g, same_g & ~same_y)
+    masked = torch.where(ok, scores, torch.full_like(scores, -1.0))
+    best, j = masked.max(1)
+    return torch.where(best >= 0, j, fallback)
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):

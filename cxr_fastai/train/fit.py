@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, ONE_CYCLE, TrainConfig, resolve_device, write_json
+from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, MIXUP_PAIRS, ONE_CYCLE, TrainConfig, resolve_device, write_json
 from ..data.audit import cheap_checks
 from ..data.discover import check_items_exist, check_trainable, discover, item_folds, scan
 from ..errors import CxrError, DataError, RunError
@@ -102,7 +102,9 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
     if cfg.mixup > 0:  # its own draws come from torch's generator, which EpochSeed seeds: resumes stay identical
         from fastai.callback.mixup import MixUp
 
-        learn.add_cb(MixUp(cfg.mixup))
+        from .callbacks import SelectiveMixUp
+
+        learn.add_cb(SelectiveMixUp(cfg.mixup) if cfg.mixup_pairs == "lisa" else MixUp(cfg.mixup))
     if cuda:
         import torch
 
@@ -132,15 +134,17 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.size < MIN_SIZE:
         raise CxrError(f"--size {cfg.size} is below {MIN_SIZE} px, the smallest input ResNet9 accepts")
     for name, value, allowed in (("balance", cfg.balance, BALANCE), ("augment", cfg.augment, AUGMENT),
-                                 ("contrast", cfg.contrast, CONTRAST)):
+                                 ("contrast", cfg.contrast, CONTRAST), ("mixup-pairs", cfg.mixup_pairs, MIXUP_PAIRS)):
         if value not in allowed:
             raise CxrError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
-    if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none"):
-        raise CxrError("--balance and --augment work on the cached data path; drop --data-path pil")
+    if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none" or cfg.mixup_pairs != "random"):
+        raise CxrError("--balance, --augment and --mixup-pairs work on the cached data path; drop --data-path pil")
     if cfg.mixup < 0:
         raise CxrError(f"--mixup {cfg.mixup} is negative: give a Beta alpha > 0, or 0 for no MixUp")
     if cfg.mixup > 0 and cfg.bs < 2:
         raise CxrError("--mixup blends images within a batch: give --bs 2 or more")
+    if cfg.mixup_pairs != "random" and cfg.mixup == 0:
+        raise CxrError(f"--mixup-pairs {cfg.mixup_pairs} chooses MixUp's partners: give --mixup ALPHA too")
     if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
         raise CxrError(f"group_folds {cfg.group_folds} / holdout_fold {cfg.holdout_fold}: give k >= 2 folds and a "
                        "held-out fold from 0 to k-1")
