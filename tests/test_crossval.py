@@ -399,6 +399,26 @@ def test_series_config_holds_only_its_own_kind_of_fields():
     assert not {"pooled", "all_sources"} & set(kfold["crossval"])
 
 
+def test_a_series_written_before_an_option_existed_still_resumes(tmp_path):
+    """A field the series file lacks (an option added since) reads as its default; a real change is refused."""
+    import json
+
+    from cxr_fastai.config import CrossvalConfig, TrainConfig
+    from cxr_fastai.errors import RunError
+    from cxr_fastai.evaluate.crossval import CONFIG_FILE, _check_out, series_config
+
+    config = series_config(TrainConfig(data=("a",)), CrossvalConfig(), ["a"])
+    older = json.loads(json.dumps(config))
+    del older["train"]["mixup"], older["train"]["mixup_pairs"], older["crossval"]["eval_seed"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(older))
+    said = []
+    _check_out(tmp_path, config, False, said.append)
+    assert said == [f"resuming the crossval series in {tmp_path}"]
+    changed = series_config(TrainConfig(data=("a",), mixup=0.4), CrossvalConfig(), ["a"])
+    with pytest.raises(RunError, match="train.mixup: was 0.0, now 0.4"):
+        _check_out(tmp_path, changed, False, said.append)
+
+
 def test_a_bad_held_out_fold_is_refused_before_any_work(tmp_path):
     from cxr_fastai.config import TrainConfig
     from cxr_fastai.errors import CxrError

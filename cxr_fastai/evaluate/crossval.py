@@ -318,6 +318,7 @@ def _check_out(out: Path, config: dict[str, Any], force: bool, log: Log) -> None
             old = json.loads(cfile.read_text())
         except ValueError as e:
             raise RunError(f"{cfile}: damaged ({e}); pass --force to start the series again") from e
+        old = _with_later_defaults(old, config)
         if old != config:
             diff = _first_difference(old, config)
             raise RunError(f"{out}: holds a crossval series with another config ({diff}); rerun with the same "
@@ -326,6 +327,21 @@ def _check_out(out: Path, config: dict[str, Any], force: bool, log: Log) -> None
     elif (out / "folds").exists():
         raise RunError(f"{out}: has a folds/ folder but no {CONFIG_FILE}; pass --force to start again or give "
                        "another --out")
+
+
+def _with_later_defaults(old: Any, config: dict[str, Any]) -> Any:
+    """A series file written before an option existed lacks its field; the option's default is what that
+    version did, so the field is read as its default (a series is not refused for being older)."""
+    if not isinstance(old, dict):
+        return old
+    later = {"train": series_config(TrainConfig(), CrossvalConfig(), ())["train"],
+             "crossval": json.loads(json.dumps(dataclasses.asdict(CrossvalConfig())))}
+    out = dict(old)
+    for part, defaults in later.items():
+        if isinstance(old.get(part), dict) and isinstance(config.get(part), dict):
+            missing = {k: defaults[k] for k in config[part] if k not in old[part] and k in defaults}
+            out[part] = {**old[part], **missing}
+    return out
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> str:
