@@ -4,12 +4,14 @@
 # within the machine's idle release (the first call's /tmp survives while the machine stays warm):
 #   here:   bash benchmarks/gpu/prepare.sh && OUT=/tmp/x bash benchmarks/gpu/generalisation.sh pack-adult
 #   call 1: run(carry=[".device"], command="bash benchmarks/gpu/generalisation.sh setup")
-#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 loso-default loso-cxr3")
+#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-mix loso-default loso-cxr3")
 # Stages (in the order given; each writes its figures to $OUT as it ends, so a timeout keeps the finished ones):
 #   setup         wheels into /tmp/site, cxr3 into /tmp/cxr3, the machine's versions into $OUT/env.txt
 #   adult         cxr3-adult into /tmp/cxr3-adult
 #   rows128       the recommended recipe (defaults, cxr3 + cxr3-adult) and class-then-source + light at
 #                 128 px / 10 epochs: train, export, evaluate on cxr3 test and cxr3-adult test (+ valid by source)
+#   rows-mix      --mixup 0.4 and --mixup 0.4 --mixup-pairs lisa on the recommended data at 128 px / 10 epochs,
+#                 as rows128
 #   loso-default  crossval of the recommended recipe at 32 px / 10 epochs (every fold: a GPU series of its own)
 #   loso-cxr3     crossval of the old default (cxr3 only) at 32 px / 10 epochs
 #   loso-lever    crossval with --balance class-then-source --augment light at 32 px / 10 epochs
@@ -72,6 +74,8 @@ for stage in "$@"; do
         adult) tar xzf .device-adult/cxr3-adult.tgz -C /tmp && ls /tmp/cxr3-adult | head -3 ;;
         rows128) row plain128
                  row cts-aug128 --balance class-then-source --augment light ;;
+        rows-mix) row mixup128 --mixup 0.4
+                  row lisa128 --mixup 0.4 --mixup-pairs lisa ;;
         loso-default) series loso-default "$d1" "$d2" ;;
         loso-cxr3) series loso-cxr3 "$d1" ;;
         loso-lever) series loso-lever "$d1" "$d2" --balance class-then-source --augment light ;;
