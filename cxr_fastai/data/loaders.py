@@ -109,11 +109,12 @@ def build_cached_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelSt
     dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale, cfg.contrast)
     dsets = dblock.datasets(df)
     after_batch = [*dblock.batch_tfms, RandomResizedCropBatch(cfg.size, cfg.min_scale), *augmentations(cfg.augment)]
+    train = df[~df.is_valid]
     dls = dsets.dataloaders(
         bs=_bs(cfg, df), dl_type=CachedDL, device=device, after_item=dblock.item_tfms, after_batch=after_batch,
         num_workers=0, drop_last=True,
         dl_kwargs=[{"cache": (cache.x_train, cache.y_train), "seed": cfg.seed,
-                    "wgts": sampling_weights(df[~df.is_valid], cfg.balance), "groups": source_ids(df[~df.is_valid])},
+                    "wgts": sampling_weights(train, cfg.balance), "groups": source_ids(train)},
                    {"cache": (cache.x_valid, cache.y_valid), "seed": cfg.seed}])
     dls.vocab = list(classes)
     return dls
