@@ -182,6 +182,7 @@ RECIPE = {
     "contrast": typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
     "mixup": typer.Option(D.mixup, "--mixup", min=0.0, max=10.0, help="MixUp: blend each training image and its loss with another of the batch, weight from Beta(ALPHA, ALPHA) (fastai's MixUp; 0.4 is its default); 0 = off."),
     "mixup_pairs": typer.Option(MixupPairs(D.mixup_pairs), "--mixup-pairs", help="With --mixup: random (fastai's MixUp) or lisa: half the time a partner of the same class from another source, else of the same source and another class (Yao et al. 2022)."),
+    "group_dro": typer.Option(D.group_dro, "--group-dro", min=0.0, max=10.0, help="Group DRO (Sagawa et al. 2020): weight each class x source stratum's loss, the worst-fitted most; ETA is the step size of those weights (0.01 is the paper's); 0 = off."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }
 
@@ -195,7 +196,8 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
                        cache_dir=str(v["cache_dir"] or ""), label_smoothing=v["label_smoothing"],
                        class_weights=v["class_weights"], exclude_sources=tuple(v["exclude_source"]),
                        balance=v["balance"].value, augment=v["augment"].value, contrast=v["contrast"].value,
-                       mixup=v["mixup"], mixup_pairs=v["mixup_pairs"].value, opt=v["opt"].value, **extra)
+                       mixup=v["mixup"], mixup_pairs=v["mixup_pairs"].value, group_dro=v["group_dro"],
+                       opt=v["opt"].value, **extra)
 
 
 @app.command()
@@ -223,6 +225,7 @@ def train(
     contrast: Contrast = RECIPE["contrast"],
     mixup: float = RECIPE["mixup"],
     mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
+    group_dro: float = RECIPE["group_dro"],
     opt: OptKind = RECIPE["opt"],
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -502,6 +505,7 @@ def crossval_cmd(
     contrast: Contrast = RECIPE["contrast"],
     mixup: float = RECIPE["mixup"],
     mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
+    group_dro: float = RECIPE["group_dro"],
     exclude_source: List[str] = RECIPE["exclude_source"],
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),

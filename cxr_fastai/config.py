@@ -62,6 +62,8 @@ class TrainConfig:
     mixup_pairs: str = "random"    # random: fastai's MixUp (any partner) | lisa: selective (Yao et al. 2022): per image,
                                    # half the time a partner of the same class from another source, else one of
                                    # the same source and another class (cached path)
+    group_dro: float = 0.0         # online group DRO (Sagawa et al. 2020) over class x source strata with this step size
+                                   # eta for the group weights; 0 = off (plain mean loss). Cached path, one process
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it

@@ -142,6 +142,28 @@ def test_train_one_class_only(tmp_path, make_folder_dataset):
     no_leftovers(run)
 
 
+@pytest.mark.parametrize("opts, hint", [
+    (("--mixup", "0.4", "--bs", "1"), "give --bs 2 or more"),
+    (("--mixup-pairs", "lisa"), "give --mixup ALPHA too"),
+    (("--mixup", "0.4", "--data-path", "pil"), None),
+    (("--mixup", "0.4", "--mixup-pairs", "lisa", "--data-path", "pil"), "drop --data-path pil"),
+    (("--group-dro", "0.01", "--data-path", "pil"), "drop --data-path pil"),
+    (("--group-dro", "0.01", "--mixup", "0.4"), "give one of them"),
+])
+def test_train_refuses_recipe_options_that_do_not_go_together(tmp_path, opts, hint):
+    """Checked before any image is read: one line, nothing written. (Plain --mixup on the pil path is fastai's
+    own callback, which works there: that case must get past the check, so it is run to its first error-free
+    step by asking for a run folder that exists.)"""
+    data, run = tiny_dataset(tmp_path / "d"), tmp_path / "run"
+    if hint is None:
+        run.mkdir()
+        (run / "x").write_text("")
+        one_line_error(cli("train", data, "--run", run, *opts), run, hints=("already exists",))
+        return
+    one_line_error(cli("train", data, "--run", run, *opts), hints=(hint,))
+    no_leftovers(run)
+
+
 def _labels_dataset(tmp_path: Path, text: str) -> Path:
     root = tiny_dataset(tmp_path / "lab", n=2, splits=("train",))
     (root / "labels.csv").write_text(text)

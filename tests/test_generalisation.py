@@ -187,6 +187,89 @@ def test_lisa_mixup_pairs_real_batches_by_their_sources(two_site_run):
     assert rules["label"] and rules["source"]
 
 
+def test_group_dro_step_moves_weight_to_the_worst_fitted_group_present():
+    import math
+
+    import torch
+
+    from cxr_fastai.train.callbacks import group_dro_step
+
+    losses, k = torch.tensor([1.0, 1.0, 3.0, 2.0]), torch.tensor([0, 0, 1, 3])
+    loss, q = group_dro_step(losses, k, torch.full((4,), 0.25), eta=0.5)
+    # group means 1, 3, (absent), 2: weights grow by exp(0.5 * mean), the absent group's stays
+    raw = [math.exp(0.5), math.exp(1.5), 1.0, math.exp(1.0)]
+    want = [r / sum(raw) for r in raw]
+    assert torch.allclose(q, torch.tensor(want)) and abs(q.sum().item() - 1) < 1e-6
+    assert math.isclose(loss.item(), want[0] * 1 + want[1] * 3 + want[3] * 2, rel_tol=1e-6)
+    assert q.argmax().item() == 1 and q[2] < 0.25
+
+
+def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(two_sites, tmp_path, monkeypatch):
+    """--group-dro: each step minimises sum_g q_g * (mean loss of class x source stratum g in the batch) over the
+    batch's own sources; the weights are in run.json by stratum and in the checkpoint, and a run interrupted after
+    epoch 1 and resumed ends where the uninterrupted one does."""
+    import torch
+    from fastai.callback.core import Callback
+
+    from fastai.learner import load_learner
+
+    from cxr_fastai.train import callbacks, fit
+    from cxr_fastai.train.callbacks import GroupDRO, group_dro_step, item_losses
+
+    seen = []
+
+    class Look(Callback):  # q before GroupDRO's step (order 5), the loss it leaves (order 20)
+        def __init__(self, order): self.order = order
+        def after_loss(self):
+            if not self.training:
+                return
+            dro = callbacks.group_dro_of(self.learn)
+            if self.order < dro.order:
+                seen.append({"q": dro.q.clone(), "k": self.y * dro.n_sources + self.dl.groups[self.dl.last_idx],
+                             "idx": self.dl.last_idx.clone(), "items": item_losses(self.learn.loss_func, self.pred, self.y).detach()})
+            else:
+                seen[-1].update(loss=self.learn.loss_grad.detach().clone(), q_after=dro.q.clone())
+
+    cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, group_dro=0.5)
+    make_learner = fit.make_learner
+
+    def with_look(*a, **kw):
+        learn = make_learner(*a, **kw)
+        learn.add_cbs([Look(5), Look(20)])
+        return learn
+
+    monkeypatch.setattr(fit, "make_learner", with_look)
+    fit.train(cfg.replace(run=str(tmp_path / "full")))
+    monkeypatch.setattr(fit, "make_learner", make_learner)
+    assert seen
+    train_rows = pd.read_csv(tmp_path / "full" / "items.csv").query("split == 'train'")
+    codes = pd.factorize(train_rows.source.astype(str), sort=True)[0]
+    for s in seen:
+        want_loss, want_q = group_dro_step(s["items"], s["k"], s["q"], 0.5)
+        assert torch.allclose(s["loss"], want_loss, atol=1e-6) and torch.allclose(s["q_after"], want_q)
+        assert (s["k"] % 2).tolist() == codes[s["idx"].numpy()].tolist()    # two sources: k = class * 2 + source
+    weights = json.loads((tmp_path / "full" / "run.json").read_text())["group_dro_weights"]
+    assert set(weights) == {f"{c} @ {s}" for c in ("COVID19", "NORMAL", "PNEUMONIA") for s in ("site_a", "site_b")}
+    assert abs(sum(weights.values()) - 1) < 1e-4 and max(weights.values()) > 1.05 / 6   # moved off uniform
+
+    after_epoch = callbacks.RunCheckpoint.after_epoch
+
+    def interrupt_after_first(self):
+        after_epoch(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", interrupt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        fit.train(cfg.replace(run=str(tmp_path / "part")))
+    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", after_epoch)
+    fit.train(TrainConfig(run=str(tmp_path / "part")), resume=True)
+    full, part = (torch.load(tmp_path / r / "checkpoints" / "last.pth", weights_only=False) for r in ("full", "part"))
+    assert torch.allclose(full["group_dro_q"], part["group_dro_q"], atol=1e-6)
+    assert max((full["model"][k].float() - part["model"][k].float()).abs().max().item() for k in full["model"]) <= 1e-5
+    assert isinstance(callbacks.group_dro_of(load_learner(tmp_path / "full" / "learner.pkl")), GroupDRO)
+
+
 def test_audit_names_a_source_that_stands_for_a_class():
     from cxr_fastai.data.audit import confounds
 

@@ -1,7 +1,7 @@
 """The fastai callbacks of a training run. Importing this module imports fastai.
 
 Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
-`SmoothLossOnDevice`, `SelectiveMixUp`. Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
+`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`. Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
 """
 from __future__ import annotations
 
@@ -99,6 +99,61 @@ def pick_partners(y, g, by_label, scores, fallback):
     return torch.where(best >= 0, j, fallback)
 
 
+class GroupDRO(Callback):
+    """Online group DRO (Sagawa et al., ICLR 2020, "Distributionally robust neural networks for group
+    shifts", their Algorithm 1). Groups are the class x source strata of the training set. Each training
+    step: every group present in the batch has its mean loss; the group weights q grow as
+    q_g <- q_g * exp(eta * loss_g) and are renormalised; the step minimises sum_g q_g * loss_g, so the
+    strata the model fits worst carry the gradient. q persists across batches and epochs (it is saved in
+    the run's checkpoint, so a resumed run carries on with it). Validation is untouched. It reads the
+    batch's source ids from the cached loader, as SelectiveMixUp does."""
+    order = 10  # after_loss: before anything that reads the loss
+
+    def __init__(self, eta: float = 0.01):
+        self.eta, self.q = float(eta), None
+
+    def before_fit(self):
+        dl = self.dls.train
+        if getattr(dl, "groups", None) is None:
+            raise CxrError("--group-dro reads each image's source from the cached loader in one process: "
+                           "use --data-path cached without --procs")
+        self.n_sources = int(dl.groups.max()) + 1 if len(dl.groups) else 1
+        n = self.n_sources * len(self.dls.vocab)
+        if self.q is None or self.q.numel() != n:  # a resumed run has its q set from the checkpoint
+            self.q = torch.full((n,), 1.0 / n)
+
+    def after_loss(self):
+        if not self.training:
+            return
+        y = self.y
+        k = y * self.n_sources + self.dl.groups[self.dl.last_idx].to(y.device)
+        per_item = item_losses(self.learn.loss_func, self.pred, y)
+        loss, self.q = group_dro_step(per_item, k, self.q.to(per_item.device), self.eta)
+        self.learn.loss_grad = loss
+        self.learn.loss = loss.detach().clone()
+
+
+def item_losses(loss_func, pred, y):
+    """The run's cross-entropy (its class weights and label smoothing) per item, unreduced, in float32."""
+    import torch.nn.functional as F
+
+    f = getattr(loss_func, "func", loss_func)
+    return F.cross_entropy(pred.float(), y, weight=getattr(f, "weight", None),
+                           label_smoothing=float(getattr(f, "label_smoothing", 0.0)), reduction="none")
+
+
+def group_dro_step(losses, k, q, eta: float):
+    """One step of online group DRO: (loss to minimise, new q). losses: (B,) per-item; k: (B,) group of
+    each item; q: (G,) group weights summing to 1. Groups absent from the batch keep their weight and add
+    no loss (Sagawa et al.'s reference code does the same)."""
+    n_groups = q.numel()
+    count = torch.bincount(k, minlength=n_groups).to(losses.dtype)
+    mean = torch.zeros(n_groups, dtype=losses.dtype, device=losses.device).index_add(0, k, losses) / count.clamp(min=1)
+    q = q * torch.exp(eta * mean.detach() * (count > 0))
+    q = q / q.sum()
+    return (q * mean).sum(), q
+
+
 class DeviceSmoothLoss(AvgSmoothLoss):
     """fastai's smoothed training loss, the same numbers, kept on the loss's device: fastai's own copies
     the loss to the host after every batch, which on a GPU stalls the CPU until that step has finished."""
@@ -153,9 +208,14 @@ class RunCheckpoint(Callback):
             self.info.meta["best"] = {"epoch": self.epoch + 1, **vals}
         # validation images scored this epoch (each once, whatever the number of processes)
         self.info.meta["valid_n"] = int(getattr(self.learn.recorder.loss, "count", 0))
+        state = {"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
+                 "best_score": self.best_score, "best_epoch": self.best_epoch}
+        dro = group_dro_of(self.learn)
+        if dro is not None:  # its weights carry on in a resumed run; run.json shows them per stratum
+            state["group_dro_q"] = dro.q.detach().cpu().clone()
+            self.info.meta["group_dro_weights"] = dro_weights_by_stratum(dro, self.info)
         with atomic_save_path(self.info.last_path) as tmp:
-            torch.save({"model": model_sd, "opt": self.learn.opt.state_dict(), "epochs_done": self.epoch + 1,
-                        "best_score": self.best_score, "best_epoch": self.best_epoch}, tmp)
+            torch.save(state, tmp)
         self.history.append({"epoch": self.epoch + 1, **vals,
                              "seconds": round(time.perf_counter() - self.t_epoch, 2)})
         atomic_write_text(self.info.path / "history.csv", pd.DataFrame(self.history).to_csv(index=False))
@@ -209,6 +269,22 @@ class EpochLog(Callback):
         vals = self.learn.recorder.values[-1]
         parts = [f"{n}={v:.4f}" for n, v in zip(names, vals)]
         self.log(f"epoch {self.epoch + 1}/{self.n_epoch}: " + " ".join(parts))
+
+
+def group_dro_of(learn):
+    """The learner's GroupDRO callback, or None."""
+    return next((cb for cb in learn.cbs if isinstance(cb, GroupDRO)), None)
+
+
+def dro_weights_by_stratum(dro: GroupDRO, info: RunInfo) -> dict[str, float]:
+    """GroupDRO's weights named 'CLASS @ SOURCE' (strata with training images only), largest first."""
+    items = info.items()
+    sources = sorted(set(items.loc[items.split == "train", "source"].astype(str)))
+    present = set(zip(items.loc[items.split == "train", "label"], items.loc[items.split == "train", "source"].astype(str)))
+    q = dro.q.detach().cpu().tolist()
+    named = {f"{c} @ {s or '-'}": round(q[ci * dro.n_sources + si], 6)
+             for ci, c in enumerate(info.classes) for si, s in enumerate(sources) if (c, s) in present}
+    return dict(sorted(named.items(), key=lambda kv: -kv[1]))
 
 
 def read_history(path: Path, epochs_done: int) -> list[dict]:

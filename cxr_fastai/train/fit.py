@@ -105,6 +105,10 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
         from .callbacks import SelectiveMixUp
 
         learn.add_cb(SelectiveMixUp(cfg.mixup) if cfg.mixup_pairs == "lisa" else MixUp(cfg.mixup))
+    if cfg.group_dro > 0:
+        from .callbacks import GroupDRO
+
+        learn.add_cb(GroupDRO(cfg.group_dro))
     if cuda:
         import torch
 
@@ -143,6 +147,12 @@ def validate_config(cfg: TrainConfig) -> None:
         raise CxrError(f"--mixup {cfg.mixup} is negative: give a Beta alpha > 0, or 0 for no MixUp")
     if cfg.mixup > 0 and cfg.bs < 2:
         raise CxrError("--mixup blends images within a batch: give --bs 2 or more")
+    if cfg.group_dro < 0:
+        raise CxrError(f"--group-dro {cfg.group_dro} is negative: give a step size > 0 (e.g. 0.01), or 0 for off")
+    if cfg.group_dro > 0 and cfg.data_path == "pil":
+        raise CxrError("--group-dro reads each image's source from the cached loader; drop --data-path pil")
+    if cfg.group_dro > 0 and cfg.mixup > 0:
+        raise CxrError("--group-dro and --mixup both set the training loss: give one of them")
     if cfg.mixup_pairs != "random" and cfg.mixup == 0:
         raise CxrError(f"--mixup-pairs {cfg.mixup_pairs} chooses MixUp's partners: give --mixup ALPHA too")
     if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
@@ -301,6 +311,10 @@ def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log,
         learn.create_opt()
         learn.opt.load_state_dict(state["opt"])
         ck = Checkpoint(state["epochs_done"], state["best_score"], state["best_epoch"])
+        if "group_dro_q" in state:
+            from .callbacks import group_dro_of
+
+            group_dro_of(learn).q = state["group_dro_q"]
         log(f"resuming {info.path} at epoch {ck.epochs_done + 1}/{cfg.epochs}" if ck.epochs_done < cfg.epochs else
             f"{info.path}: all {cfg.epochs} epochs were trained; finishing the run (best epoch -> learner.pkl)")
     if cfg.compile:
