@@ -225,8 +225,9 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
                 return
             dro = callbacks.group_dro_of(self.learn)
             if self.order < dro.order:
+                per_item = item_losses(self.learn.loss_func, self.pred, self.y).detach()
                 seen.append({"q": dro.q.clone(), "k": self.y * dro.n_sources + self.dl.groups[self.dl.last_idx],
-                             "idx": self.dl.last_idx.clone(), "items": item_losses(self.learn.loss_func, self.pred, self.y).detach()})
+                             "idx": self.dl.last_idx.clone(), "items": per_item})
             else:
                 seen[-1].update(loss=self.learn.loss_grad.detach().clone(), q_after=dro.q.clone())
 

@@ -1,7 +1,8 @@
 """The fastai callbacks of a training run. Importing this module imports fastai.
 
 Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
-`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`. Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
+`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`. Per-fit callbacks (given to `fit_one_cycle` only):
+`RunCheckpoint`, `Eta`, `EpochLog`.
 """
 from __future__ import annotations
 
