@@ -107,7 +107,8 @@ class GroupDRO(Callback):
     q_g <- q_g * exp(eta * loss_g) and are renormalised; the step minimises sum_g q_g * loss_g, so the
     strata the model fits worst carry the gradient. q persists across batches and epochs (it is saved in
     the run's checkpoint, so a resumed run carries on with it). Validation is untouched. It reads the
-    batch's source ids from the cached loader, as SelectiveMixUp does."""
+    batch's source ids from the cached loader, as SelectiveMixUp does. The training loss a run records is
+    this weighted loss."""
     order = 10  # after_loss: before anything that reads the loss
 
     def __init__(self, eta: float = 0.01):
@@ -132,6 +133,9 @@ class GroupDRO(Callback):
         loss, self.q = group_dro_step(per_item, k, self.q.to(per_item.device), self.eta)
         self.learn.loss_grad = loss
         self.learn.loss = loss.detach().clone()
+
+    def __getstate__(self):  # learner.pkl: no run state (the weights are in run.json and the checkpoint)
+        return {**self.__dict__, "q": None}
 
 
 def item_losses(loss_func, pred, y):
