@@ -215,6 +215,7 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
 
     from cxr_fastai.train import callbacks, fit
     from cxr_fastai.train.callbacks import GroupDRO, group_dro_step, item_losses
+    from cxr_fastai.train.runs import load_run
 
     seen = []
 
@@ -252,6 +253,16 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
     weights = json.loads((tmp_path / "full" / "run.json").read_text())["group_dro_weights"]
     assert set(weights) == {f"{c} @ {s}" for c in ("COVID19", "NORMAL", "PNEUMONIA") for s in ("site_a", "site_b")}
     assert abs(sum(weights.values()) - 1) < 1e-4 and max(weights.values()) > 1.05 / 6   # moved off uniform
+
+    # a stratum with no training image gets no weight, now or later
+    lopsided = fit.learner_from_run(load_run(tmp_path / "full"), "cpu")
+    dl = lopsided.dls.train
+    keep = ~((dl.cache[1] == 0) & (dl.groups == 1))        # no COVID19 training image from site_b
+    dl.cache, dl.groups = (dl.cache[0][keep], dl.cache[1][keep]), dl.groups[keep]
+    dro = GroupDRO(0.5)
+    dro.learn = lopsided
+    dro.before_fit()
+    assert torch.allclose(dro.q, torch.tensor([0.2, 0.0, 0.2, 0.2, 0.2, 0.2]))   # 5 strata; none for the empty one
 
     after_epoch = callbacks.RunCheckpoint.after_epoch
 

@@ -102,7 +102,7 @@ def pick_partners(y, g, by_label, scores, fallback):
 
 class GroupDRO(Callback):
     """Online group DRO (Sagawa et al., ICLR 2020, "Distributionally robust neural networks for group
-    shifts", their Algorithm 1). Groups are the class x source strata of the training set. Each training
+    shifts", their Algorithm 1). Groups are the class x source strata that have training images. Each training
     step: every group present in the batch has its mean loss; the group weights q grow as
     q_g <- q_g * exp(eta * loss_g) and are renormalised; the step minimises sum_g q_g * loss_g, so the
     strata the model fits worst carry the gradient. q persists across batches and epochs (it is saved in
@@ -122,7 +122,10 @@ class GroupDRO(Callback):
         self.n_sources = int(dl.groups.max()) + 1 if len(dl.groups) else 1
         n = self.n_sources * len(self.dls.vocab)
         if self.q is None or self.q.numel() != n:  # a resumed run has its q set from the checkpoint
-            self.q = torch.full((n,), 1.0 / n)
+            # uniform over the strata that have training images; an empty stratum keeps weight 0
+            k = dl.cache[1].to(dl.groups.device) * self.n_sources + dl.groups
+            present = (torch.bincount(k, minlength=n) > 0).float().cpu()
+            self.q = present / present.sum()
 
     def after_loss(self):
         if not self.training:
