@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,27 @@ def make_folder_dataset(tmp_path):
                     write_image(d / f"{c}_{i}.png", noise_image(rng, size, bias=20 * ci))
         return root
     return make
+
+
+@contextmanager
+def interrupted_after_first_epoch(monkeypatch):
+    """The training run inside stops with KeyboardInterrupt (what Ctrl-C raises) right after epoch 1's
+    checkpoint is written; the block expects that interruption."""
+    from cxr_fastai.train import callbacks
+
+    after_epoch = callbacks.RunCheckpoint.after_epoch
+
+    def interrupt_after_first(self):
+        after_epoch(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", interrupt_after_first)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", after_epoch)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

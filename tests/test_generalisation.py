@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import interrupted_after_first_epoch
 from cxr_fastai.config import PredictConfig, TrainConfig
 
 WIDTHS = (8, 16, 16, 32)
@@ -264,17 +265,8 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
     dro.before_fit()
     assert torch.allclose(dro.q, torch.tensor([0.2, 0.0, 0.2, 0.2, 0.2, 0.2]))   # 5 strata; none for the empty one
 
-    after_epoch = callbacks.RunCheckpoint.after_epoch
-
-    def interrupt_after_first(self):
-        after_epoch(self)
-        if self.epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", interrupt_after_first)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_epoch(monkeypatch):
         fit.train(cfg.replace(run=str(tmp_path / "part")))
-    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", after_epoch)
     fit.train(TrainConfig(run=str(tmp_path / "part")), resume=True)
     full, part = (torch.load(tmp_path / r / "checkpoints" / "last.pth", weights_only=False) for r in ("full", "part"))
     assert torch.allclose(full["group_dro_q"], part["group_dro_q"], atol=1e-6)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import interrupted_after_first_epoch
 from cxr_fastai.config import ADAM, ONE_CYCLE, TrainConfig
 
 WIDTHS = (8, 16, 16, 32)
@@ -182,21 +183,11 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(synth_root, t
     """KeyboardInterrupt right after epoch 1's checkpoint (what Ctrl-C raises), then --resume: bit-identical on
     CPU. Raised directly: a signal raised in the pytest process once went unanswered in a full CI run (not
     reproduced since); the real Ctrl-C of a real process is tests/test_resume.py's."""
-    from cxr_fastai.train import callbacks
     from cxr_fastai.train.fit import train
 
     train(tiny_cfg(synth_root, tmp_path / "full", epochs=3))
-    after_epoch = callbacks.RunCheckpoint.after_epoch
-
-    def interrupt_after_first(self):
-        after_epoch(self)
-        if self.epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", interrupt_after_first)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_epoch(monkeypatch):
         train(tiny_cfg(synth_root, tmp_path / "part", epochs=3))
-    monkeypatch.setattr(callbacks.RunCheckpoint, "after_epoch", after_epoch)
     assert pd.read_csv(tmp_path / "part" / "history.csv").epoch.tolist() == [1]
     train(TrainConfig(run=str(tmp_path / "part")), resume=True)
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.pth", weights_only=False)["model"]
