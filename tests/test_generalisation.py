@@ -211,7 +211,6 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
     epoch 1 and resumed ends where the uninterrupted one does."""
     import torch
     from fastai.callback.core import Callback
-
     from fastai.learner import load_learner
 
     from cxr_fastai.train import callbacks, fit

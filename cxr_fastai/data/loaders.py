@@ -181,8 +181,13 @@ def source_ids(train: pd.DataFrame):
     """(N,) int64 tensor: each training image's source as a number (sources in sorted order)."""
     import torch
 
-    codes, _ = pd.factorize(train["source"].astype(str), sort=True)
-    return torch.as_tensor(codes, dtype=torch.long)
+    return torch.as_tensor(source_codes(train)[0], dtype=torch.long)
+
+
+def source_codes(train: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Each row's source as a number, and the source names those numbers stand for (sorted)."""
+    codes, names = pd.factorize(train["source"].astype(str), sort=True)
+    return codes, list(names)
 
 
 def _frame(items: pd.DataFrame) -> pd.DataFrame:

@@ -121,11 +121,11 @@ class GroupDRO(Callback):
                            "use --data-path cached without --procs")
         self.n_sources = int(dl.groups.max()) + 1 if len(dl.groups) else 1
         n = self.n_sources * len(self.dls.vocab)
+        k = dl.cache[1].to(dl.groups.device) * self.n_sources + dl.groups
+        self.present = (torch.bincount(k, minlength=n) > 0).cpu()   # strata (class * n_sources + source) with images
         if self.q is None or self.q.numel() != n:  # a resumed run has its q set from the checkpoint
             # uniform over the strata that have training images; an empty stratum keeps weight 0
-            k = dl.cache[1].to(dl.groups.device) * self.n_sources + dl.groups
-            present = (torch.bincount(k, minlength=n) > 0).float().cpu()
-            self.q = present / present.sum()
+            self.q = self.present.float() / self.present.sum()
 
     def after_loss(self):
         if not self.training:
@@ -196,6 +196,7 @@ class RunCheckpoint(Callback):
 
     def __init__(self, info: RunInfo, start_epoch: int, best_score: float, best_epoch: int):
         self.info, self.start_epoch = info, start_epoch
+        self.sources = None  # --group-dro: the training sources' names, read once
         self.best_score, self.best_epoch = best_score, best_epoch
         self.history = read_history(info.path / "history.csv", start_epoch)
 
@@ -221,7 +222,12 @@ class RunCheckpoint(Callback):
         dro = group_dro_of(self.learn)
         if dro is not None:  # its weights carry on in a resumed run; run.json shows them per stratum
             state["group_dro_q"] = dro.q.detach().cpu().clone()
-            self.info.meta["group_dro_weights"] = dro_weights_by_stratum(dro, self.info)
+            if self.sources is None:
+                from ..data.loaders import source_codes
+
+                items = self.info.items()
+                self.sources = source_codes(items[items.split == "train"])[1]   # the loader's source ids' names
+            self.info.meta["group_dro_weights"] = dro_weights_by_stratum(dro, self.info.classes, self.sources)
         with atomic_save_path(self.info.last_path) as tmp:
             torch.save(state, tmp)
         self.history.append({"epoch": self.epoch + 1, **vals,
@@ -284,14 +290,11 @@ def group_dro_of(learn):
     return next((cb for cb in learn.cbs if isinstance(cb, GroupDRO)), None)
 
 
-def dro_weights_by_stratum(dro: GroupDRO, info: RunInfo) -> dict[str, float]:
+def dro_weights_by_stratum(dro: GroupDRO, classes: list[str], sources: list[str]) -> dict[str, float]:
     """GroupDRO's weights named 'CLASS @ SOURCE' (strata with training images only), largest first."""
-    items = info.items()
-    sources = sorted(set(items.loc[items.split == "train", "source"].astype(str)))
-    present = set(zip(items.loc[items.split == "train", "label"], items.loc[items.split == "train", "source"].astype(str)))
-    q = dro.q.detach().cpu().tolist()
+    q, present = dro.q.detach().cpu().tolist(), dro.present.tolist()
     named = {f"{c} @ {s or '-'}": round(q[ci * dro.n_sources + si], 6)
-             for ci, c in enumerate(info.classes) for si, s in enumerate(sources) if (c, s) in present}
+             for ci, c in enumerate(classes) for si, s in enumerate(sources) if present[ci * dro.n_sources + si]}
     return dict(sorted(named.items(), key=lambda kv: -kv[1]))
 
 
