@@ -180,6 +180,7 @@ RECIPE = {
     "balance": typer.Option(Balance(D.balance), "--balance", help="Draw training images so that every class (class), every class x source stratum (class-source), or every class and within it every source (class-then-source) is seen equally often."),
     "augment": typer.Option(Augment(D.augment), "--augment", help="light: per-image brightness/contrast (20%), rotation (5 deg) and zoom (1.1x) on the batch; texture: light plus per-image gamma, blur and noise."),
     "contrast": typer.Option(Contrast(D.contrast), "--contrast", help="Per-image contrast normalisation at read time (equalize: histogram equalisation), applied by predict/evaluate too."),
+    "crop_border": typer.Option(D.crop_border, "--crop-border", min=0.0, max=0.25, help="Cut this fraction of the height and width from each edge of every image at read time (markers, text, collimation), applied by predict/evaluate too; 0 = off."),
     "mixup": typer.Option(D.mixup, "--mixup", min=0.0, max=10.0, help="MixUp: blend each training image and its loss with another of the batch, weight from Beta(ALPHA, ALPHA) (fastai's MixUp; 0.4 is its default); 0 = off."),
     "mixup_pairs": typer.Option(MixupPairs(D.mixup_pairs), "--mixup-pairs", help="With --mixup: random (fastai's MixUp) or lisa: half the time a partner of the same class from another source, else of the same source and another class (Yao et al. 2022)."),
     "group_dro": typer.Option(D.group_dro, "--group-dro", min=0.0, max=10.0, help="Group DRO (Sagawa et al. 2020): weight each class x source stratum's loss, the worst-fitted most; ETA is the step size of those weights (0.01 is the paper's); 0 = off."),
@@ -196,6 +197,7 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
                        cache_dir=str(v["cache_dir"] or ""), label_smoothing=v["label_smoothing"],
                        class_weights=v["class_weights"], exclude_sources=tuple(v["exclude_source"]),
                        balance=v["balance"].value, augment=v["augment"].value, contrast=v["contrast"].value,
+                       crop_border=v["crop_border"],
                        mixup=v["mixup"], mixup_pairs=v["mixup_pairs"].value, group_dro=v["group_dro"],
                        opt=v["opt"].value, **extra)
 
@@ -223,6 +225,7 @@ def train(
     balance: Balance = RECIPE["balance"],
     augment: Augment = RECIPE["augment"],
     contrast: Contrast = RECIPE["contrast"],
+    crop_border: float = RECIPE["crop_border"],
     mixup: float = RECIPE["mixup"],
     mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
     group_dro: float = RECIPE["group_dro"],
@@ -503,6 +506,7 @@ def crossval_cmd(
     balance: Balance = RECIPE["balance"],
     augment: Augment = RECIPE["augment"],
     contrast: Contrast = RECIPE["contrast"],
+    crop_border: float = RECIPE["crop_border"],
     mixup: float = RECIPE["mixup"],
     mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
     group_dro: float = RECIPE["group_dro"],

@@ -11,6 +11,7 @@ SPLITS = ("train", "valid", "test")
 BALANCE = ("none", "class", "class-source", "class-then-source")
 AUGMENT = ("none", "light", "texture")
 CONTRAST = ("none", "equalize")
+MAX_CROP_BORDER = 0.25  # --crop-border: the most cut from each edge (half the height and width stay)
 MIXUP_PAIRS = ("random", "lisa")
 RUNTIMES = ("torch", "onnx")    # predict/evaluate: the safetensors weights in PyTorch | model.onnx in onnxruntime
 
@@ -57,6 +58,8 @@ class TrainConfig:
                                    # texture: light, then per-image gamma, blur and noise
     contrast: str = "none"         # none | equalize: per-image histogram equalisation at read time, applied by
                                    # every consumer (recorded in run.json and the manifest)
+    crop_border: float = 0.0       # cut this fraction of the height and width from each edge at read time, before the
+                                   # contrast step (markers, text, collimation); every consumer does it too; 0 = off
     mixup: float = 0.0             # MixUp (fastai's callback) with this Beta(alpha, alpha); 0 = off. Training batches
                                    # only: each image is blended with another of the batch, the loss likewise
     mixup_pairs: str = "random"    # random: fastai's MixUp (any partner) | lisa: selective (Yao et al. 2022): per image,

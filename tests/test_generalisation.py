@@ -38,7 +38,7 @@ def two_site_run(two_sites, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("two_site_run") / "run"
     train(TrainConfig(data=two_sites, run=str(run), size=16, epochs=2, bs=16, widths=WIDTHS,
-                      balance="class-source", augment="texture", contrast="equalize"))
+                      balance="class-source", augment="texture", contrast="equalize", crop_border=0.125))
     return run
 
 
@@ -52,6 +52,7 @@ def test_a_run_on_two_roots_keeps_both_and_reports_both_sources(two_sites, two_s
     assert sorted(items.source.unique()) == ["site_a", "site_b"]        # the roots' folder names
     art = export_run(two_site_run, to=tmp_path / "art")
     assert art.manifest["input"]["contrast"] == "equalize"
+    assert art.manifest["input"]["crop_border"] == 0.125
     by_source = art.manifest["model_card"]["validation_by_source"]["per_source"]
     assert set(by_source) == {"site_a", "site_b"}
     res = evaluate(art.folder, list(two_sites), split="test", cfg=PredictConfig(workers=1))
@@ -71,6 +72,65 @@ def test_the_safetensors_and_pickle_paths_apply_the_same_contrast_step(two_site_
         cfg = PredictConfig(trust_pickle=trust, workers=1)
         got[trust] = np.stack([p for _, p, _ in iter_probs(load_predictor(art.folder, cfg), paths, cfg)])
     np.testing.assert_allclose(got[False], got[True], atol=1e-5)
+
+
+def test_crop_border_cuts_each_edge_before_the_contrast_step():
+    from cxr_fastai.io.images import crop_border, read_step
+
+    film = np.full((40, 32), 100, np.uint8)
+    film[10:30, 8:24] = np.arange(16, dtype=np.uint8)[None] * 10   # the kept centre: a ramp
+    film[:4], film[-4:], film[:, :4], film[:, -4:] = 255, 255, 0, 0  # markers and collimation at the edges
+    cut = crop_border(film, 0.125)                                   # 5 rows and 4 columns from each edge
+    assert cut.shape == (30, 24) and cut.max() < 255 and cut.min() == 0   # min: the ramp's own 0
+    np.testing.assert_array_equal(cut, film[5:35, 4:28])
+    assert crop_border(film, 0.0) is film
+    # equalisation sees the kept region only: the bright border no longer takes the top grey levels
+    np.testing.assert_array_equal(read_step(film, "equalize", 0.125), read_step(cut, "equalize"))
+    with pytest.raises(ValueError, match="above"):
+        crop_border(film, 0.3)
+
+
+@pytest.mark.parametrize("runtime,trust", [("torch", False), ("torch", True), ("onnx", False)],
+                         ids=["safetensors", "pickle", "onnx"])
+def test_a_border_cropped_model_ignores_its_films_edges_in_every_consumer(two_site_run, tmp_path, runtime, trust):
+    """Painted edges (a marker, a ruler) inside the cut border change nothing the model sees: the crop is
+    applied by predict on every runtime (the pickle's own item transforms on one) and by interpret's Grad-CAM
+    on the run's own loader."""
+    from PIL import Image
+
+    from cxr_fastai.artifact.export import export_run
+    from cxr_fastai.artifact.predict import iter_probs, load_predictor
+    from cxr_fastai.io.images import read_grey
+
+    art = export_run(two_site_run, to=tmp_path / "art")
+    items = pd.read_csv(two_site_run / "items.csv")
+    paths = [Path(p) for p in items[items.split == "valid"].path][:6]
+    painted = []
+    for i, p in enumerate(paths):
+        a = read_grey(p).copy()                    # 32 x 32: crop 0.125 cuts 4 px from each edge
+        a[:4] = 255
+        a[:, -4:] = np.arange(4, dtype=np.uint8) * 60
+        Image.fromarray(a).save(tmp_path / f"painted{i}.png")
+        painted.append(tmp_path / f"painted{i}.png")
+    cfg = PredictConfig(runtime=runtime, trust_pickle=trust, workers=1)
+    pred = load_predictor(art.folder, cfg)
+    got = {k: np.stack([q for _, q, _ in iter_probs(pred, ps, cfg)]) for k, ps in (("as read", paths), ("painted", painted))}
+    np.testing.assert_allclose(got["as read"], got["painted"], atol=1e-6)
+    # the edges are not just ignored because the model ignores everything: the kept centre matters
+    centre = read_grey(paths[0]).copy()
+    centre[8:24, 8:24] = 255 - centre[8:24, 8:24]
+    Image.fromarray(centre).save(tmp_path / "centre.png")
+    moved = np.stack([q for _, q, _ in iter_probs(pred, [tmp_path / "centre.png"], cfg)])
+    assert np.abs(moved[0] - got["as read"][0]).max() > 1e-4
+    if runtime != "torch" or trust:
+        return
+    from cxr_fastai.evaluate.report import grad_cams
+    from cxr_fastai.train.fit import learner_from_run
+    from cxr_fastai.train.runs import load_run
+
+    learn = learner_from_run(load_run(two_site_run), device="cpu")
+    cams = grad_cams(learn.model, [str(paths[0]), str(painted[0])], learn.dls.valid, learn.dls.vocab)
+    np.testing.assert_allclose(cams[str(paths[0])], cams[str(painted[0])], atol=1e-6)
 
 
 def test_a_split_name_of_ones_own_is_evaluated_and_left_out_of_training(tmp_path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import CONTRAST, EvalConfig
+from ..config import CONTRAST, MAX_CROP_BORDER, EvalConfig
 from ..metrics import source_gaps
 from ..errors import ArtifactError, RunError
 from ..io.files import atomic_folder, recover_folder, sha256_file
@@ -59,6 +59,11 @@ class Artifact:
     def contrast(self) -> str:
         """The per-image contrast step applied after reading, before resizing (io.images.apply_contrast)."""
         return str(self.manifest["input"].get("contrast") or "none")
+
+    @property
+    def crop_border(self) -> float:
+        """The fraction cut from each edge after reading, before the contrast step (io.images.crop_border)."""
+        return float(self.manifest["input"].get("crop_border") or 0.0)
 
     @property
     def mean(self) -> float:
@@ -164,7 +169,8 @@ def onnx_section(size: int, n_classes: int, opset: int) -> dict[str, Any]:
         "file": MODEL_ONNX,
         "opset": opset,
         "input": {"name": ONNX_INPUT, "shape": ["batch", 1, size, size], "dtype": "float32",
-                  "preprocessing": "read as 8-bit grey, apply input.contrast, squash the whole image to "
+                  "preprocessing": "read as 8-bit grey, cut input.crop_border of the height and width from "
+                                   "each edge, apply input.contrast, squash the whole image to "
                                    "input.size x input.size (bilinear), then x / 255, then "
                                    "(x - normalization.mean) / normalization.std"},
         "output": {"name": ONNX_OUTPUT, "shape": ["batch", n_classes],
@@ -185,7 +191,7 @@ def build_manifest(info, folder: Path, onnx: dict[str, Any] | None = None) -> di
         "classes": info.classes,
         "input": {"size": cfg.size, "channels": 1, "resize": "squash whole image to size x size, bilinear",
                   "scale": "pixel / 255 after reading as 8-bit grey", "cache_side": cache_side(info),
-                  "contrast": cfg.contrast},
+                  "contrast": cfg.contrast, "crop_border": cfg.crop_border},
         "normalization": {"mean": info.stats.mean, "std": info.stats.std},
         "architecture": {"name": "ResNet9", "n_in": 1, "n_out": len(info.classes), "widths": list(cfg.widths)},
         "training": {**cfg.to_dict(), "layout": meta.get("layout"), "counts": meta.get("counts"),
@@ -271,7 +277,9 @@ def validate_manifest(m: Any, where: Path | str = MANIFEST) -> None:
               and len(arch["widths"]) == 4 and all(isinstance(w, int) and 0 < w <= 8192 for w in arch["widths"])
               and isinstance(files.get(WEIGHTS, {}).get("sha256"), str)
               and _valid_cache_side(m["input"].get("cache_side"), size)
-              and m["input"].get("contrast", "none") in CONTRAST)
+              and m["input"].get("contrast", "none") in CONTRAST
+              and isinstance(m["input"].get("crop_border", 0.0), (int, float))
+              and 0 <= m["input"].get("crop_border", 0.0) <= MAX_CROP_BORDER)
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: missing or malformed field ({type(e).__name__}: {e}); re-export the model") from e
     if not ok:

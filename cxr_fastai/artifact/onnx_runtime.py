@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import PredictConfig
 from ..errors import ArtifactError, CxrError
-from ..io.images import apply_contrast, squash
+from ..io.images import read_step, squash
 from .export import MODEL_ONNX, ONNX_INPUT, ONNX_OUTPUT, Artifact, verify_file
 
 
@@ -90,8 +90,9 @@ class OnnxPredictor:
         return want_in, want_out
 
     def shrink(self, arr: np.ndarray) -> np.ndarray:
-        """The image as the model needs it, as small as it can be: the contrast step, then squashed to S x S."""
-        return squash(apply_contrast(arr, self.art.contrast), self.size)
+        """The image as the model needs it, as small as it can be: the read step (border crop, contrast), then
+        squashed to S x S."""
+        return squash(read_step(arr, self.art.contrast, self.art.crop_border), self.size)
 
     def preprocess(self, shrunk: Sequence[np.ndarray]) -> np.ndarray:
         """(S, S) uint8 arrays -> (B, 1, S, S) float32: the arithmetic of data.augment.normalise, in numpy."""

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import PredictConfig, resolve_device
 from ..errors import CxrError, DataError
 from ..io.files import walk_files
-from ..io.images import IMAGE_EXTENSIONS, apply_contrast, decode_many, is_image_path, squash
+from ..io.images import IMAGE_EXTENSIONS, decode_many, is_image_path, read_step, squash
 from .export import Artifact, load_model, load_pickle_learner, read_manifest
 
 
@@ -56,7 +56,7 @@ class Predictor:
     def shrink(self, arr: np.ndarray):
         """What `probs` needs of one decoded image, as small as it can be: the image squashed to the input
         size; with TTA also squashed to the run's cache side, for the crops."""
-        arr = apply_contrast(arr, self.art.contrast)
+        arr = read_step(arr, self.art.contrast, self.art.crop_border)
         small = squash(arr, self.size)
         return (small, squash(arr, self.art.cache_side)) if self.tta else small
 

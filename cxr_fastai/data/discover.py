@@ -27,7 +27,7 @@ import pandas as pd
 from ..config import SPLITS
 from ..errors import DataError
 from ..io.files import sub_folders, walk_files
-from ..io.images import apply_contrast, decode_many, is_image_path, squash
+from ..io.images import decode_many, is_image_path, read_step, squash
 
 COLUMNS = ("path", "label", "split", "source", "patient_id", "group")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -370,7 +370,8 @@ class PixelStats:
 
 
 def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: int,
-         workers: int = 4, progress: Callable[[int, int], None] | None = None, contrast: str = "none") -> tuple[pd.DataFrame, Skipped, PixelStats]:
+         workers: int = 4, progress: Callable[[int, int], None] | None = None, contrast: str = "none",
+         crop: float = 0.0) -> tuple[pd.DataFrame, Skipped, PixelStats]:
     """Decode every image of `splits` once: drop unreadable ones (listed in Skipped), and compute the
     pixel mean/std and the median image side from training images only (a seeded sample of at most
     stats_limit of them)."""
@@ -386,7 +387,7 @@ def scan(ds: Dataset, splits: Sequence[str], size: int, stats_limit: int, seed: 
     npx = 0
     paths = items.path.tolist()
     sides = []
-    for i, arr, err in decode_many(paths, workers, fn=lambda a: apply_contrast(a, contrast)):
+    for i, arr, err in decode_many(paths, workers, fn=lambda a: read_step(a, contrast, crop)):
         if arr is None:
             ok[i] = False
             skipped.add(paths[i], err)

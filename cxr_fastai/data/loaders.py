@@ -28,7 +28,7 @@ import pandas as pd
 from ..config import AUGMENT, BALANCE, TrainConfig
 from ..errors import DataError
 from ..io.files import content_key
-from ..io.images import apply_contrast, decode_many, squash
+from ..io.images import decode_many, read_step, squash
 from .discover import PixelStats
 
 if TYPE_CHECKING:
@@ -43,12 +43,12 @@ def cache_side_for(size: int, native_side: float) -> int:
     return int(max(size, min(2 * size, round(native_side))))
 
 
-def decode_to_tensor(paths: Sequence[str], side: int, workers: int = 4, contrast: str = "none"):
+def decode_to_tensor(paths: Sequence[str], side: int, workers: int = 4, contrast: str = "none", crop: float = 0.0):
     """(N, 1, side, side) uint8 tensor; unreadable files raise DataError (they were filtered by scan)."""
     import torch
 
     out = torch.empty((len(paths), 1, side, side), dtype=torch.uint8)
-    for i, arr, err in decode_many(list(paths), workers, fn=lambda a: squash(apply_contrast(a, contrast), side)):
+    for i, arr, err in decode_many(list(paths), workers, fn=lambda a: squash(read_step(a, contrast, crop), side)):
         if arr is None:
             raise DataError(f"{paths[i]}: became unreadable after the scan ({err})")
         out[i, 0] = torch.from_numpy(np.array(arr))  # copy: decoded arrays are read-only views
@@ -69,7 +69,7 @@ class ImageCache:
 
 
 def build_cache(items: pd.DataFrame, classes: Sequence[str], size: int, side: int, workers: int = 4,
-                cache_dir: str | Path | None = None, contrast: str = "none") -> ImageCache:
+                cache_dir: str | Path | None = None, contrast: str = "none", crop: float = 0.0) -> ImageCache:
     """Decode the train/valid rows of `items` once: train at side x side, valid at size x size. With
     cache_dir, reuse a cache saved there whose key (every file's content and the sizes) matches, or save one."""
     import torch
@@ -79,13 +79,14 @@ def build_cache(items: pd.DataFrame, classes: Sequence[str], size: int, side: in
     cls_index = {c: i for i, c in enumerate(classes)}
     key = ""
     if cache_dir is not None:
-        key = content_key(list(tr.path) + list(va.path), f"v{CACHE_VERSION}|{size}|{side}|{contrast}|{','.join(classes)}")
+        step = contrast + (f"|crop{crop}" if crop else "")  # no crop: the key of caches saved before crops existed
+        key = content_key(list(tr.path) + list(va.path), f"v{CACHE_VERSION}|{size}|{side}|{step}|{','.join(classes)}")
         f = Path(cache_dir) / f"cache-{key}.pt"
         if f.is_file():
             d = torch.load(f, map_location="cpu", weights_only=True)
             return ImageCache(d["x_train"], d["y_train"], d["x_valid"], d["y_valid"], key)
-    x_train = decode_to_tensor(tr.path.tolist(), side, workers, contrast)
-    x_valid = decode_to_tensor(va.path.tolist(), size, workers, contrast)
+    x_train = decode_to_tensor(tr.path.tolist(), side, workers, contrast, crop)
+    x_valid = decode_to_tensor(va.path.tolist(), size, workers, contrast, crop)
     y_train = torch.tensor([cls_index[c] for c in tr.label], dtype=torch.long)
     y_valid = torch.tensor([cls_index[c] for c in va.label], dtype=torch.long)
     cache = ImageCache(x_train, y_train, x_valid, y_valid, key)
@@ -105,8 +106,9 @@ def build_cached_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelSt
     from .cached_dl import CachedDL, RandomResizedCropBatch
 
     df = _frame(items)
-    cache = cache or build_cache(df, classes, cfg.size, side, workers=4, cache_dir=cache_dir, contrast=cfg.contrast)
-    dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale, cfg.contrast)
+    cache = cache or build_cache(df, classes, cfg.size, side, workers=4, cache_dir=cache_dir, contrast=cfg.contrast,
+                                   crop=cfg.crop_border)
+    dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale, cfg.contrast, cfg.crop_border)
     dsets = dblock.datasets(df)
     after_batch = [*dblock.batch_tfms, RandomResizedCropBatch(cfg.size, cfg.min_scale), *augmentations(cfg.augment)]
     train = df[~df.is_valid]
@@ -120,13 +122,14 @@ def build_cached_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelSt
     return dls
 
 
-def make_datablock(classes: Sequence[str], stats: PixelStats, size: int, min_scale: float, contrast: str = "none"):
+def make_datablock(classes: Sequence[str], stats: PixelStats, size: int, min_scale: float, contrast: str = "none",
+                   crop: float = 0.0):
     from fastai.data.block import CategoryBlock, DataBlock
     from fastai.data.transforms import ColReader, ColSplitter, Normalize
     from fastai.vision.augment import RandomResizedCrop
     from fastai.vision.data import ImageBlock
 
-    from .types import Contrast, CxrImage
+    from .types import Contrast, CropBorder, CxrImage
 
     return DataBlock(
         blocks=(ImageBlock(cls=CxrImage), CategoryBlock(vocab=list(classes))),
@@ -134,7 +137,7 @@ def make_datablock(classes: Sequence[str], stats: PixelStats, size: int, min_sca
         get_y=ColReader("label"),
         splitter=ColSplitter("is_valid"),
         # val_xtra=0: at validation the whole image is squashed to size x size, nothing trimmed
-        item_tfms=[*([Contrast(contrast)] if contrast != "none" else []),
+        item_tfms=[*([CropBorder(crop)] if crop else []), *([Contrast(contrast)] if contrast != "none" else []),
                    RandomResizedCrop(size, min_scale=min_scale, val_xtra=0.0)],
         batch_tfms=[Normalize.from_stats([stats.mean], [stats.std], cuda=False)],
     )
@@ -208,7 +211,7 @@ def _bs(cfg: TrainConfig, df: pd.DataFrame) -> int:
 def build_pil_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelStats, cfg: TrainConfig, device: str):
     """The per-item PIL path: fastai's own DataBlock loaders, RandomResizedCrop per item."""
     df = _frame(items)
-    dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale, cfg.contrast)
+    dblock = make_datablock(classes, stats, cfg.size, cfg.min_scale, cfg.contrast, cfg.crop_border)
     return dblock.dataloaders(df, bs=_bs(cfg, df), num_workers=cfg.workers, device=device)
 
 

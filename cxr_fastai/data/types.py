@@ -6,7 +6,7 @@ from fastai.data.transforms import Transform
 from fastai.torch_core import TensorImageBW
 from fastai.vision.core import PILImageBW
 
-from ..io.images import apply_contrast, read_grey
+from ..io.images import apply_contrast, crop_border, read_grey
 
 
 class CxrTensorImage(TensorImageBW):
@@ -37,3 +37,16 @@ class Contrast(Transform):
 
     def encodes(self, x: PILImageBW):
         return type(x).create(apply_contrast(np.asarray(x), self.kind))
+
+
+class CropBorder(Transform):
+    """The run's border crop (io.images.crop_border) as a fastai item transform, before the contrast step and
+    any resize, so that the exported pickle's test_dl applies it too."""
+    order = 0
+
+    def __init__(self, frac: float = 0.0):
+        super().__init__()
+        self.frac = frac
+
+    def encodes(self, x: PILImageBW):
+        return type(x).create(crop_border(np.asarray(x), self.frac))

@@ -96,11 +96,11 @@ def grad_cams(model, paths: list[str], dl, classes) -> dict[str, np.ndarray]:
     from ..io.images import read_model_image, squash
 
     norm = _normaliser(dl)
-    contrast = _contrast(dl)
+    contrast, crop = _read_step(dl)
     size = _input_size(dl)
     model = getattr(model, "_orig_mod", model).float()
     dev = next(model.parameters()).device
-    return {p: grad_cam_maps(model, to_model_input([squash(read_model_image(p, contrast), size)], *norm, device=dev))[0]
+    return {p: grad_cam_maps(model, to_model_input([squash(read_model_image(p, contrast, crop), size)], *norm, device=dev))[0]
             for p in paths}
 
 
@@ -109,12 +109,13 @@ def _input_size(dl) -> int:
     return int(x.shape[-1])
 
 
-def _contrast(dl) -> str:
-    """The run's contrast step, from the loader's item transforms (none when it has none)."""
-    from ..data.types import Contrast
+def _read_step(dl) -> tuple[str, float]:
+    """The run's contrast step and border crop, from the loader's item transforms (none and 0 without them)."""
+    from ..data.types import Contrast, CropBorder
 
     kinds = [t.kind for t in dl.after_item.fs if isinstance(t, Contrast)]
-    return kinds[0] if kinds else "none"
+    crops = [t.frac for t in dl.after_item.fs if isinstance(t, CropBorder)]
+    return (kinds[0] if kinds else "none"), (crops[0] if crops else 0.0)
 
 
 def _normaliser(dl):

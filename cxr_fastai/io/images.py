@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..config import MAX_CROP_BORDER
 from ..errors import ImageReadError
 from .dicom import DICOM_EXTENSIONS, is_dicom_data, is_dicom_file, read_dicom
 from .files import access_error
@@ -110,9 +111,29 @@ def apply_contrast(arr: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"unknown contrast normalisation {kind!r}; use none or equalize")
 
 
-def read_model_image(path: str | Path, contrast: str = "none") -> np.ndarray:
-    """An image as every model consumer sees it before resizing: read_grey, then the run's contrast step."""
-    return apply_contrast(read_grey(path), contrast)
+def crop_border(arr: np.ndarray, frac: float) -> np.ndarray:
+    """Cut `frac` of the height from the top and from the bottom, and of the width from each side, at read
+    time: a fixed central crop that drops what lies at a film's edges (markers, text, collimation, arms
+    and neck), where hospitals differ most and the lungs are not. 0 leaves the image as read."""
+    if frac <= 0:
+        return arr
+    if frac > MAX_CROP_BORDER:
+        raise ValueError(f"crop border {frac} is above {MAX_CROP_BORDER}")
+    h, w = arr.shape[:2]
+    dy, dx = int(round(h * frac)), int(round(w * frac))
+    dy, dx = min(dy, (h - 1) // 2), min(dx, (w - 1) // 2)  # at least one pixel stays
+    return np.ascontiguousarray(arr[dy:h - dy, dx:w - dx])
+
+
+def read_step(arr: np.ndarray, contrast: str = "none", crop: float = 0.0) -> np.ndarray:
+    """What every model consumer does to a decoded image before resizing: the run's border crop, then its
+    contrast step (so that equalisation sees the kept region only)."""
+    return apply_contrast(crop_border(arr, crop), contrast)
+
+
+def read_model_image(path: str | Path, contrast: str = "none", crop: float = 0.0) -> np.ndarray:
+    """An image as every model consumer sees it before resizing: read_grey, then the run's read step."""
+    return read_step(read_grey(path), contrast, crop)
 
 
 def squash(arr: np.ndarray, size: int) -> np.ndarray:

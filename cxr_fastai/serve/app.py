@@ -54,7 +54,7 @@ from ..errors import CxrError, ImageReadError
 log = logging.getLogger("cxr_fastai.serve")
 access_log = logging.getLogger("cxr_fastai.serve.access")
 
-TRAINING_KEYS = ("size", "epochs", "bs", "lr", "wd", "widths", "min_scale", "augment", "balance", "contrast",
+TRAINING_KEYS = ("size", "epochs", "bs", "lr", "wd", "widths", "min_scale", "augment", "balance", "contrast", "crop_border",
                  "label_smoothing", "class_weights", "mixup", "mixup_pairs", "group_dro", "exclude_sources", "layout",
                  "counts", "skipped")
 OPEN_PATHS = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/"), ("HEAD", "/")}
@@ -153,7 +153,7 @@ class _Model:
     def prepare(self, data: bytes, name: str, tta: bool, gradcam: bool):
         """Decode + shrink (decoding thread): (what the batcher takes, model-size image for Grad-CAM, display
         image for the overlay). The full-size array is dropped here."""
-        from ..io.images import squash
+        from ..io.images import crop_border, squash
         from .upload import decode_upload
 
         arr = decode_upload(data, name)
@@ -163,7 +163,8 @@ class _Model:
             if not gradcam:
                 return shrunk, None, None
             small = shrunk[0] if tta else shrunk
-            return shrunk, small, squash(arr, min(512, max(256, self.pred.size)))
+            # the overlay is drawn on what the model saw: the film less its cut border
+            return shrunk, small, squash(crop_border(arr, self.pred.art.crop_border), min(512, max(256, self.pred.size)))
         except Exception as e:  # decoded, yet the contrast step or resize failed: still this file's error
             raise ImageReadError(f"{name}: cannot prepare the decoded image ({type(e).__name__})") from None
 
@@ -255,7 +256,7 @@ def create_app(artifact: str | Path, token: str | None = None, max_mb: float = S
         return {
             "model": name, "runtime": runtime, "classes": model.classes,
             "input": {"size": art.size, "channels": 1, "contrast": art.contrast,
-                      "resize": m["input"].get("resize")},
+                      "crop_border": art.crop_border, "resize": m["input"].get("resize")},
             "created": m.get("created"),
             "training": {k: training[k] for k in TRAINING_KEYS if k in training},
             "validation": m.get("validation") or {},

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, MIXUP_PAIRS, ONE_CYCLE, TrainConfig, resolve_device, write_json
+from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, MAX_CROP_BORDER, MIXUP_PAIRS, ONE_CYCLE, TrainConfig, resolve_device, write_json
 from ..data.audit import cheap_checks
 from ..data.discover import check_items_exist, check_trainable, discover, item_folds, scan
 from ..errors import CxrError, DataError, RunError
@@ -143,6 +143,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CxrError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none" or cfg.mixup_pairs != "random"):
         raise CxrError("--balance, --augment and --mixup-pairs work on the cached data path; drop --data-path pil")
+    if not 0 <= cfg.crop_border <= MAX_CROP_BORDER:
+        raise CxrError(f"--crop-border {cfg.crop_border} is outside 0..{MAX_CROP_BORDER} (a fraction cut from each edge)")
     if cfg.mixup < 0:
         raise CxrError(f"--mixup {cfg.mixup} is negative: give a Beta alpha > 0, or 0 for no MixUp")
     if cfg.mixup > 0 and cfg.bs < 2:
@@ -248,7 +250,7 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
         log(f"{len(other)} image(s) of other splits left out of training: "
             + ", ".join(f"{s} {n}" for s, n in sorted(by.items())))
     items, skipped, stats = scan(ds, ("train", "valid"), cfg.size, cfg.stats_limit, cfg.seed, workers=4,
-                                 contrast=cfg.contrast)
+                                 contrast=cfg.contrast, crop=cfg.crop_border)
     for w in cheap_checks(items):  # train/valid leakage: shared patients or groups, byte-identical images
         warn(w)
     if len(skipped):
