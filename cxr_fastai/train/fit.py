@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from ..config import ADAM, AUGMENT, BALANCE, CONTRAST, MAX_CROP_BORDER, MIXUP_PAIRS, ONE_CYCLE, TrainConfig, resolve_device, write_json
+from ..config import (ADAM, AUGMENT, BALANCE, CONTRAST, MAX_CROP_BORDER, MIXUP_PAIRS, ONE_CYCLE, TrainConfig, resolve_device,
+                      write_json)
 from ..data.audit import cheap_checks
 from ..data.discover import check_items_exist, check_trainable, discover, item_folds, scan
 from ..errors import CxrError, DataError, RunError
