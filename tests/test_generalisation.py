@@ -90,12 +90,33 @@ def test_crop_border_cuts_each_edge_before_the_contrast_step():
         crop_border(film, 0.3)
 
 
+def _painted_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Copies of 32 x 32 films with their edges painted (a marker row, a ruler column), all inside the 4 px
+    that a 0.125 border crop cuts."""
+    from PIL import Image
+
+    from cxr_fastai.io.images import read_grey
+
+    out = []
+    for i, p in enumerate(paths):
+        a = read_grey(p).copy()
+        a[:4] = 255
+        a[:, -4:] = np.arange(4, dtype=np.uint8) * 60
+        Image.fromarray(a).save(folder / f"painted{i}.png")
+        out.append(folder / f"painted{i}.png")
+    return out
+
+
+def _valid_paths(run: Path, n: int) -> list[Path]:
+    items = pd.read_csv(run / "items.csv")
+    return [Path(p) for p in items[items.split == "valid"].path][:n]
+
+
 @pytest.mark.parametrize("runtime,trust", [("torch", False), ("torch", True), ("onnx", False)],
                          ids=["safetensors", "pickle", "onnx"])
-def test_a_border_cropped_model_ignores_its_films_edges_in_every_consumer(two_site_run, tmp_path, runtime, trust):
-    """Painted edges (a marker, a ruler) inside the cut border change nothing the model sees: the crop is
-    applied by predict on every runtime (the pickle's own item transforms on one) and by interpret's Grad-CAM
-    on the run's own loader."""
+def test_a_border_cropped_model_ignores_its_films_edges_on_every_runtime(two_site_run, tmp_path, runtime, trust):
+    """Painted edges inside the cut border change nothing the model sees: predict applies the crop on every
+    runtime (the pickle's own item transforms on one)."""
     from PIL import Image
 
     from cxr_fastai.artifact.export import export_run
@@ -103,15 +124,8 @@ def test_a_border_cropped_model_ignores_its_films_edges_in_every_consumer(two_si
     from cxr_fastai.io.images import read_grey
 
     art = export_run(two_site_run, to=tmp_path / "art")
-    items = pd.read_csv(two_site_run / "items.csv")
-    paths = [Path(p) for p in items[items.split == "valid"].path][:6]
-    painted = []
-    for i, p in enumerate(paths):
-        a = read_grey(p).copy()                    # 32 x 32: crop 0.125 cuts 4 px from each edge
-        a[:4] = 255
-        a[:, -4:] = np.arange(4, dtype=np.uint8) * 60
-        Image.fromarray(a).save(tmp_path / f"painted{i}.png")
-        painted.append(tmp_path / f"painted{i}.png")
+    paths = _valid_paths(two_site_run, 6)
+    painted = _painted_copies(paths, tmp_path)
     cfg = PredictConfig(runtime=runtime, trust_pickle=trust, workers=1)
     pred = load_predictor(art.folder, cfg)
     got = {k: np.stack([q for _, q, _ in iter_probs(pred, ps, cfg)]) for k, ps in (("as read", paths), ("painted", painted))}
@@ -122,15 +136,19 @@ def test_a_border_cropped_model_ignores_its_films_edges_in_every_consumer(two_si
     Image.fromarray(centre).save(tmp_path / "centre.png")
     moved = np.stack([q for _, q, _ in iter_probs(pred, [tmp_path / "centre.png"], cfg)])
     assert np.abs(moved[0] - got["as read"][0]).max() > 1e-4
-    if runtime != "torch" or trust:
-        return
+
+
+def test_interprets_grad_cam_applies_the_border_crop(two_site_run, tmp_path):
+    """interpret's Grad-CAM, on the run's own loader, gives a film and its edge-painted copy the same map."""
     from cxr_fastai.evaluate.report import grad_cams
     from cxr_fastai.train.fit import learner_from_run
     from cxr_fastai.train.runs import load_run
 
+    path = _valid_paths(two_site_run, 1)[0]
+    painted = _painted_copies([path], tmp_path)[0]
     learn = learner_from_run(load_run(two_site_run), device="cpu")
-    cams = grad_cams(learn.model, [str(paths[0]), str(painted[0])], learn.dls.valid, learn.dls.vocab)
-    np.testing.assert_allclose(cams[str(paths[0])], cams[str(painted[0])], atol=1e-6)
+    cams = grad_cams(learn.model, [str(path), str(painted)], learn.dls.valid, learn.dls.vocab)
+    np.testing.assert_allclose(cams[str(path)], cams[str(painted)], atol=1e-6)
 
 
 def test_a_split_name_of_ones_own_is_evaluated_and_left_out_of_training(tmp_path):

@@ -363,7 +363,7 @@ def check_trainable(ds: Dataset) -> list[str]:
 class PixelStats:
     mean: float        # of pixel/255 over the training images, at the training size
     std: float
-    side: float = 0.0  # px: median longer side of the training images as stored (0 = unknown)
+    side: float = 0.0  # px: median longer side of the training images as read, after the run's border crop (0 = unknown)
 
     def to_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std, "side": self.side}
