@@ -432,7 +432,14 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        from .train import distributed
+
+        if distributed.joined():  # a data-parallel process: leave without the interpreter's teardown
+            distributed.exit_process(e.code)
+        raise
 
 
 @app.command()

@@ -197,6 +197,34 @@ def test_sharded_batches_are_the_one_process_batches(prepared, world, balance):
     assert crop.shard == (0, 1)  # unwrapped: a one-process loader again
 
 
+EXIT_SCRIPT = """
+import atexit, sys
+from pathlib import Path
+from cxr_fastai import cli
+from cxr_fastai.train import distributed
+
+atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
+distributed._state["atexit"] = sys.argv[2] == "joined"   # as `setup` leaves it
+print("written before the exit", end="")                 # no newline: only a flush gets it out
+cli.app = lambda: sys.exit(int(sys.argv[3]))
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("joined", ["joined", "alone"])
+def test_a_data_parallel_process_exits_with_its_code_after_its_atexit_handlers(tmp_path, joined):
+    """`main` ends a process that joined a group through `exit_process` (os._exit, after the atexit
+    handlers, where the group is destroyed, and a flush), and any other process as Python does: the exit
+    status, the atexit handlers and the printed output are the same either way."""
+    mark = tmp_path / "mark"
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(mark), joined, "3"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "written before the exit"
+    assert mark.read_text() == "atexit ran"
+
+
 def test_revert_sync_batchnorm_keeps_parameters():
     from cxr_fastai.model import ResNet9
     from cxr_fastai.train.distributed import revert_sync_batchnorm
