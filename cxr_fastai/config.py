@@ -53,6 +53,8 @@ class TrainConfig:
     balance: str = "none"          # none | class | class-source | class-then-source: draw training images so that every
                                    # class (or every class x source stratum, or every class and within it every
                                    # source) is seen equally often per epoch (cached path)
+    balance_power: float = 1.0     # temper --balance: draw each image with probability ~ (its balance weight)^POWER,
+                                   # 1 = full balance, 0.5 = halfway (geometrically) to plain shuffled draws
     augment: str = "none"          # none | light: per-image brightness, contrast (+-20%), rotation (+-5 deg) and
                                    # zoom (up to 1.1x) on the batch, fastai's batch transforms (cached path);
                                    # texture: light, then per-image gamma, blur and noise

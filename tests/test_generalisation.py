@@ -189,6 +189,25 @@ def test_class_source_balance_draws_every_stratum_equally_often():
     assert sampling_weights(train, "none") is None
 
 
+def test_balance_power_tempers_the_draws_between_shuffled_and_balanced():
+    """--balance-power p: each image's draw weight is its balance weight to the power p. The 10 adult
+    pneumonias (of 200 images) against 90 pediatric ones: 5% of the draws at p = 0 (as shuffled), a quarter
+    (one stratum of four) at p = 1, and at p = 0.5 the ratio of the two strata's per-image weights is the
+    square root of the full one's."""
+    from cxr_fastai.data.loaders import sampling_weights
+
+    train = pd.DataFrame({"label": ["P"] * 90 + ["P"] * 10 + ["N"] * 50 + ["N"] * 50,
+                          "source": ["kids"] * 90 + ["adults"] * 10 + ["kids"] * 50 + ["adults"] * 50})
+    adults = ((train.label == "P") & (train.source == "adults")).to_numpy()
+    kids = ((train.label == "P") & (train.source == "kids")).to_numpy()
+    share = {p: sampling_weights(train, "class-source", p)[adults].sum() for p in (0.0, 0.5, 1.0)}
+    assert share[0.0] == pytest.approx(0.05) and share[1.0] == pytest.approx(0.25)
+    assert share[0.0] < share[0.5] < share[1.0]
+    w = sampling_weights(train, "class-source", 0.5)
+    assert w[adults][0] / w[kids][0] == pytest.approx(3.0)   # full balance: 90/10 = 9 times; tempered: 3
+    assert np.allclose(sampling_weights(train, "class-source", 0.0), 1 / 200)
+
+
 def test_balanced_draws_are_seeded_by_epoch(two_site_run):
     from cxr_fastai.train.fit import learner_from_run
     from cxr_fastai.train.runs import load_run

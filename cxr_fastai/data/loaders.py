@@ -116,7 +116,7 @@ def build_cached_dls(items: pd.DataFrame, classes: Sequence[str], stats: PixelSt
         bs=_bs(cfg, df), dl_type=CachedDL, device=device, after_item=dblock.item_tfms, after_batch=after_batch,
         num_workers=0, drop_last=True,
         dl_kwargs=[{"cache": (cache.x_train, cache.y_train), "seed": cfg.seed,
-                    "wgts": sampling_weights(train, cfg.balance), "groups": source_ids(train)},
+                    "wgts": sampling_weights(train, cfg.balance, cfg.balance_power), "groups": source_ids(train)},
                    {"cache": (cache.x_valid, cache.y_valid), "seed": cfg.seed}])
     dls.vocab = list(classes)
     return dls
@@ -163,12 +163,13 @@ def augmentations(kind: str) -> list:
     return [*light, TextureJitterBatch()]
 
 
-def sampling_weights(train: pd.DataFrame, balance: str):
+def sampling_weights(train: pd.DataFrame, balance: str, power: float = 1.0):
     """Per-image draw probabilities for the training loader (None: every image once per epoch, shuffled).
     "class": every class drawn equally often; "class-source": every (class, source) stratum equally often,
     so that e.g. 197 adult pneumonias from one hospital are not drowned by 2,882 pediatric ones;
     "class-then-source": every class equally often and, within a class, every source equally often (a class
-    held by one source, such as COVID19, keeps its third of the draws)."""
+    held by one source, such as COVID19, keeps its third of the draws). `power` < 1 tempers the balance: each
+    image's weight is raised to it (1 full balance, 0 every image alike, drawn with replacement)."""
     if balance == "none":
         return None
     if balance not in BALANCE:
@@ -177,6 +178,8 @@ def sampling_weights(train: pd.DataFrame, balance: str):
     w = 1.0 / train.groupby(keys)["label"].transform("size").to_numpy(dtype=np.float64)
     if balance == "class-then-source":
         w /= train.groupby("label")["source"].transform("nunique").to_numpy(dtype=np.float64)
+    if power != 1.0:
+        w = (w / w.max()) ** power
     return w / w.sum()
 
 

@@ -144,6 +144,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CxrError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.data_path == "pil" and (cfg.balance != "none" or cfg.augment != "none" or cfg.mixup_pairs != "random"):
         raise CxrError("--balance, --augment and --mixup-pairs work on the cached data path; drop --data-path pil")
+    if not 0 <= cfg.balance_power <= 1:
+        raise CxrError(f"--balance-power {cfg.balance_power} is outside 0..1 (1 = full balance)")
+    if cfg.balance_power != 1 and cfg.balance == "none":
+        raise CxrError("--balance-power tempers --balance: give --balance class, class-source or class-then-source too")
     if not 0 <= cfg.crop_border <= MAX_CROP_BORDER:
         raise CxrError(f"--crop-border {cfg.crop_border} is outside 0..{MAX_CROP_BORDER} (a fraction cut from each edge)")
     if cfg.mixup < 0:
