@@ -4,7 +4,7 @@
 # within the machine's idle release (the first call's /tmp survives while the machine stays warm):
 #   here:   bash benchmarks/gpu/prepare.sh && OUT=/tmp/x bash benchmarks/gpu/generalisation.sh pack-adult
 #   call 1: run(carry=[".device"], command="bash benchmarks/gpu/generalisation.sh setup")
-#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-mix rows-dro rows-crop loso-default loso-cxr3")
+#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-crop rows-mix rows-dro loso-default loso-half")
 # Stages (in the order given; each writes its figures to $OUT as it ends, so a timeout keeps the finished ones):
 #   setup         wheels into /tmp/site, cxr3 into /tmp/cxr3, the machine's versions into $OUT/env.txt
 #   adult         cxr3-adult into /tmp/cxr3-adult
@@ -14,9 +14,11 @@
 #                 as rows128
 #   rows-dro      --group-dro 0.01 on the recommended data at 128 px / 10 epochs, as rows128
 #   rows-crop     --crop-border 0.1 on the recommended data at 128 px / 10 epochs, as rows128
+#   rows-half     --balance class-then-source --balance-power 0.5 --crop-border 0.1 at 128 px / 10 epochs, as rows128
 #   loso-default  crossval of the recommended recipe at 32 px / 10 epochs (every fold: a GPU series of its own)
 #   loso-cxr3     crossval of the old default (cxr3 only) at 32 px / 10 epochs
 #   loso-lever    crossval with --balance class-then-source --augment light at 32 px / 10 epochs
+#   loso-half     crossval with --balance class-then-source --balance-power 0.5 --crop-border 0.1 at 32 px / 10 epochs
 # Figures only come back (JSON, Markdown, PNG, histories); no model.
 # CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default
 set -euo pipefail
@@ -80,9 +82,11 @@ for stage in "$@"; do
                   row lisa128 --mixup 0.4 --mixup-pairs lisa ;;
         rows-dro) row dro128 --group-dro 0.01 ;;
         rows-crop) row crop128 --crop-border 0.1 ;;
+        rows-half) row half128 --balance class-then-source --balance-power 0.5 --crop-border 0.1 ;;
         loso-default) series loso-default "$d1" "$d2" ;;
         loso-cxr3) series loso-cxr3 "$d1" ;;
         loso-lever) series loso-lever "$d1" "$d2" --balance class-then-source --augment light ;;
+        loso-half) series loso-half "$d1" "$d2" --balance class-then-source --balance-power 0.5 --crop-border 0.1 ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
