@@ -153,8 +153,9 @@ def exit_process(code) -> None:
     run while the interpreter is whole (the group is destroyed there), the streams are flushed, and the
     process leaves with os._exit, without the interpreter's teardown. After a gloo group was destroyed,
     that teardown now and then aborts the process ("terminate called without an active exception",
-    SIGABRT) once the run is over and written: a CI run failed on it, and 3 of 31 two-process test runs on
-    2 busy cores aborted so, after both processes had destroyed the group; none of 45 did with this exit."""
+    SIGABRT) once the run is over and written: a CI run failed on it, and 3 of 51 two-process test runs on
+    2 busy cores aborted so (3 of the 31 run beside busy loops), after both processes had destroyed the
+    group; none of 45 did with this exit, beside busy loops."""
     import atexit
 
     if code is None:
