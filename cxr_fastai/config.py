@@ -69,6 +69,10 @@ class TrainConfig:
                                    # the same source and another class (cached path)
     group_dro: float = 0.0         # online group DRO (Sagawa et al. 2020) over class x source strata with this step size
                                    # eta for the group weights; 0 = off (plain mean loss). Cached path, one process
+    source_adversary: float = 0.0  # class-conditional source adversary (Li et al. 2018, DANN's gradient reversal): a small
+                                   # head learns each training image's source from the pooled features given its class,
+                                   # the network gets its gradient reversed, weighted up to this; 0 = off. Cached
+                                   # path, one process
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it

@@ -150,6 +150,8 @@ def test_train_one_class_only(tmp_path, make_folder_dataset):
     (("--group-dro", "0.01", "--data-path", "pil"), "drop --data-path pil"),
     (("--group-dro", "0.01", "--mixup", "0.4"), "give one of them"),
     (("--balance-power", "0.5"), "give --balance class, class-source or class-then-source too"),
+    (("--source-adversary", "1", "--data-path", "pil"), "drop --data-path pil"),
+    (("--source-adversary", "1", "--mixup", "0.4"), "give one of them"),
 ])
 def test_train_refuses_recipe_options_that_do_not_go_together(tmp_path, opts, hint):
     """Checked before any image is read: one line, nothing written. (Plain --mixup on the pil path is fastai's

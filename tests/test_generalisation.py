@@ -371,6 +371,95 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
     assert isinstance(exported, GroupDRO) and exported.q is None    # no run state in the pickle
 
 
+def test_gradient_reversal_and_the_class_conditional_source_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from cxr_fastai.train.callbacks import adversary_ramp, conditional_source_loss, reverse_grad
+
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    out = reverse_grad(x, 0.5)
+    assert torch.equal(out, x)
+    (out * w).sum().backward()
+    assert torch.allclose(x.grad, -0.5 * w)                      # the gradient comes back reversed and scaled
+    assert adversary_ramp(0) == 0 and 0.46 < adversary_ramp(0.1) < 0.47 and adversary_ramp(1) > 0.9999
+    # 3 classes x 3 sources; class 0 has one source (as COVID19 does), class 2 two of the three
+    allowed = torch.tensor([[True, False, False], [True, True, True], [False, True, True]])
+    logits = torch.randn(5, 3, 3)
+    y, g = torch.tensor([0, 1, 1, 2, 2]), torch.tensor([0, 2, 0, 1, 2])
+    loss, n, hits = conditional_source_loss(logits, y, g, allowed)
+    rows = [logits[1, 1], logits[2, 1], logits[3, 2, 1:], logits[4, 2, 1:]]   # class 0's item has nothing to tell
+    want = torch.stack([F.cross_entropy(r[None], t[None]) for r, t in zip(rows, torch.tensor([2, 0, 0, 1]))]).mean()
+    assert n == 4 and torch.isclose(loss, want)
+    assert hits == sum(int(r.argmax() == t) for r, t in zip(rows, (2, 0, 0, 1)))
+    zero, n0, _ = conditional_source_loss(logits[:1], y[:1], g[:1], allowed)
+    assert n0 == 0 and zero.item() == 0
+
+
+def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_sites, tmp_path, monkeypatch):
+    """--source-adversary: each training step adds the class-conditional source loss of its head on the batch's
+    pooled features; run.json reports the head per epoch; the head is in the checkpoint (a run interrupted after
+    epoch 1 and resumed ends where the uninterrupted one does) and not in learner.pkl."""
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.learner import load_learner
+
+    from cxr_fastai.train import callbacks, fit
+    from cxr_fastai.train.callbacks import SourceAdversary, callback_of, conditional_source_loss
+
+    seen = []
+
+    class Look(Callback):  # the head's input before SourceAdversary (order 11) uses it, the loss after
+        def __init__(self, order): self.order = order
+        def after_loss(self):
+            adv = callback_of(self.learn, SourceAdversary)
+            if not self.training:
+                return
+            if self.order < adv.order:
+                seen.append({"feats": adv.feats.detach().clone(), "y": self.y.clone(),
+                             "g": self.dl.groups[self.dl.last_idx].clone(), "before": self.learn.loss_grad.detach()})
+            else:
+                y, s = self.y, seen[-1]
+                with torch.no_grad():
+                    logits = adv.net(s["feats"]).view(len(y), -1, adv.n_sources)
+                s["want"] = conditional_source_loss(logits, s["y"], s["g"], adv.allowed)[0]
+                s["after"] = self.learn.loss_grad.detach()
+                s["recorded"] = self.learn.loss.detach()
+
+    cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, source_adversary=1.0)
+    make_learner = fit.make_learner
+
+    def with_look(*a, **kw):
+        learn = make_learner(*a, **kw)
+        learn.add_cbs([Look(5), Look(20)])
+        return learn
+
+    monkeypatch.setattr(fit, "make_learner", with_look)
+    fit.train(cfg.replace(run=str(tmp_path / "full")))
+    monkeypatch.setattr(fit, "make_learner", make_learner)
+    assert seen
+    for s in seen:   # both sites have every class: every item counts
+        assert torch.allclose(s["after"], s["before"] + s["want"], atol=1e-5)
+        assert torch.allclose(s["recorded"], s["before"])        # the loss a run records is the classifier's
+    report = json.loads((tmp_path / "full" / "run.json").read_text())["source_adversary"]
+    assert set(report) == {"1", "2"}
+    for r in report.values():
+        assert 0 <= r["within_class_source_accuracy"] <= 1 and r["images"] > 0 and r["loss"] > 0
+        assert 0.5 <= r["commonest_source_share"] < 0.7        # two sites of about equal size
+    assert report["1"]["reversal_weight_at_epoch_end"] < report["2"]["reversal_weight_at_epoch_end"] <= 1
+
+    with interrupted_after_first_epoch(monkeypatch):
+        fit.train(cfg.replace(run=str(tmp_path / "part")))
+    fit.train(TrainConfig(run=str(tmp_path / "part")), resume=True)
+    full, part = (torch.load(tmp_path / r / "checkpoints" / "last.pth", weights_only=False) for r in ("full", "part"))
+    for key in ("model",):
+        assert max((full[key][k].float() - part[key][k].float()).abs().max().item() for k in full[key]) <= 1e-5
+    heads = full["source_adversary"]["net"], part["source_adversary"]["net"]
+    assert max((heads[0][k] - heads[1][k]).abs().max().item() for k in heads[0]) <= 1e-5
+    exported = callback_of(load_learner(tmp_path / "full" / "learner.pkl"), SourceAdversary)
+    assert isinstance(exported, SourceAdversary) and exported.net is None and exported.head_opt is None
+
+
 def test_audit_names_a_source_that_stands_for_a_class():
     from cxr_fastai.data.audit import confounds
 

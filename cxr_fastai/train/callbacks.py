@@ -1,7 +1,7 @@
 """The fastai callbacks of a training run. Importing this module imports fastai.
 
 Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
-`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`. Per-fit callbacks (given to `fit_one_cycle` only):
+`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`, `SourceAdversary`. Per-fit callbacks (given to `fit_one_cycle` only):
 `RunCheckpoint`, `Eta`, `EpochLog`.
 """
 from __future__ import annotations
@@ -162,6 +162,148 @@ def group_dro_step(losses, k, q, eta: float):
     return (q * mean).sum(), q
 
 
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.lam * grad, None
+
+
+def reverse_grad(x, lam: float):
+    """The identity forward; backward, the gradient times -lam (Ganin & Lempitsky 2015's gradient reversal)."""
+    return _ReverseGrad.apply(x, float(lam))
+
+
+def adversary_ramp(progress: float) -> float:
+    """DANN's schedule for the reversal weight over training progress 0..1: 2 / (1 + exp(-10 p)) - 1, from 0 at
+    the start (the adversary learns first) to 0.46 at 10% and 0.99 at half-way."""
+    return 2.0 / (1.0 + math.exp(-10.0 * float(progress))) - 1.0
+
+
+def conditional_source_loss(logits, y, g, allowed):
+    """The adversary's loss and hits. logits: (B, C, S) source logits for each class; y, g: (B,) class and
+    source of each item; allowed: (C, S) bool, the sources with training images of each class. Each item's
+    source is predicted among its own class's sources (the row of its class, the others masked); items whose
+    class has one source only are left out (nothing to tell apart). Returns (mean cross-entropy over the
+    items kept, number kept, number whose source the adversary got right)."""
+    import torch.nn.functional as F
+
+    mask = allowed[y]                                                 # (B, S)
+    keep = mask.sum(1) >= 2
+    n = int(keep.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0, 0
+    rows = logits[torch.arange(len(y), device=y.device), y].float().masked_fill(~mask, float("-inf"))[keep]
+    target = g[keep]
+    return F.cross_entropy(rows, target), n, int((rows.argmax(1) == target).sum())
+
+
+class SourceAdversary(Callback):
+    """A class-conditional source adversary (Li et al., ECCV 2018, "Deep domain generalization via conditional
+    invariant adversarial networks"; the gradient reversal of Ganin & Lempitsky, ICML 2015). A small head
+    (Linear-ReLU-Linear, its own Adam) reads the pooled features the classifier reads and learns each training
+    image's source, conditioned on its class: for a NORMAL film, which hospital's NORMAL is it? The network
+    gets the head's gradient reversed, times `weight` x DANN's ramp, so it learns features that keep the class
+    and lose the hospital within a class. Classes with one training source (here every COVID19 film) add
+    nothing: their class is their source. It reads the batch's source ids from the cached loader, as
+    GroupDRO does, and adds its loss after GroupDRO's; the training loss a run records is the classifier's.
+    The head and its optimizer are in the run's checkpoint (a resumed run carries on with them), never in
+    learner.pkl or an export: inference is the classifier alone. Per epoch, run.json gets the head's
+    within-class source accuracy on the training batches and what always naming the class's commonest
+    source would score."""
+    order = 11  # after_loss: after GroupDRO (10), before anything that reads the loss
+
+    def __init__(self, weight: float = 1.0, hidden: int = 256, lr: float = 1e-3, seed: int = 0):
+        # (not .lr / .opt: a callback's attributes must not shadow the learner's)
+        self.weight, self.hidden, self.head_lr, self.seed = float(weight), int(hidden), float(lr), int(seed)
+        self.net = self.head_opt = self.state = None
+        self._clear()
+
+    def _clear(self):
+        self.feats = self.hook = None
+        self.epoch_stats = [0.0, 0, 0]   # loss sum (x items), items, hits
+
+    def before_fit(self):
+        from torch import nn
+
+        dl = self.dls.train
+        if getattr(dl, "groups", None) is None:
+            raise CxrError("--source-adversary reads each image's source from the cached loader in one process: "
+                           "use --data-path cached without --procs")
+        model = unwrap(self.learn.model)
+        self.n_sources = int(dl.groups.max()) + 1 if len(dl.groups) else 1
+        n_classes = len(self.dls.vocab)
+        labels, groups = dl.cache[1].cpu(), dl.groups.cpu()
+        counts = torch.zeros(n_classes, self.n_sources, dtype=torch.long)
+        counts.index_put_((labels, groups), torch.ones_like(labels), accumulate=True)
+        self.allowed = (counts > 0).to(self.dls.device)
+        # always naming the class's commonest source (among its training images): what a head that learned
+        # nothing from the features would score
+        multi = (counts > 0).sum(1) >= 2
+        self.chance = float(counts[multi].max(1).values.sum() / counts[multi].sum().clamp(min=1)) if multi.any() else 1.0
+        with torch.random.fork_rng(devices=[]):  # its own draws: the run's generators are left as they were
+            torch.manual_seed(self.seed)
+            self.net = nn.Sequential(nn.Linear(model.head.in_features, self.hidden), nn.ReLU(),
+                                     nn.Linear(self.hidden, n_classes * self.n_sources)).to(self.dls.device)
+        self.head_opt = torch.optim.Adam(self.net.parameters(), lr=self.head_lr)
+        if self.state is not None:  # a resumed run: where the head stood at its last checkpoint
+            self.net.load_state_dict(self.state["net"])
+            self.head_opt.load_state_dict(self.state["opt"])
+            self.state = None
+        self.hook = model.head.register_forward_pre_hook(self._grab)
+
+    def _grab(self, module, args):
+        self.feats = args[0] if module.training else None
+
+    def before_epoch(self):
+        self.epoch_stats = [0.0, 0, 0]
+
+    def after_loss(self):
+        feats, self.feats = self.feats, None
+        if not self.training or feats is None:
+            return
+        lam = self.weight * adversary_ramp((self.epoch + self.iter / self.n_iter) / self.n_epoch)
+        y = self.y
+        # float32: under bf16 autocast (CUDA) the features are bf16 and autocast has ended by now
+        logits = self.net(reverse_grad(feats.float(), lam)).view(len(y), -1, self.n_sources)
+        g = self.dl.groups[self.dl.last_idx].to(y.device)
+        loss, n, hits = conditional_source_loss(logits, y, g, self.allowed)
+        if n:
+            self.learn.loss_grad = self.learn.loss_grad + loss
+            self.epoch_stats[0] += float(loss.detach()) * n
+            self.epoch_stats[1] += n
+            self.epoch_stats[2] += hits
+
+    def after_step(self):
+        self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+
+    def after_fit(self):
+        if self.hook is not None:
+            self.hook.remove()
+        self.hook = None
+
+    def checkpoint(self) -> dict:
+        """The head and its optimizer, for the run's last.pth."""
+        return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+                "opt": self.head_opt.state_dict()}
+
+    def epoch_summary(self, epoch: int) -> dict:
+        loss, n, hits = self.epoch_stats
+        lam = self.weight * adversary_ramp((epoch + 1) / self.n_epoch)
+        return {"within_class_source_accuracy": round(hits / n, 4) if n else None,
+                "commonest_source_share": round(self.chance, 4), "loss": round(loss / n, 4) if n else None,
+                "reversal_weight_at_epoch_end": round(lam, 4), "images": n}
+
+    def __getstate__(self):  # learner.pkl: no run state, no head (inference never uses it)
+        return {**self.__dict__, "net": None, "head_opt": None, "state": None, "feats": None, "hook": None,
+                "allowed": None}
+
+
 class DeviceSmoothLoss(AvgSmoothLoss):
     """fastai's smoothed training loss, the same numbers, kept on the loss's device: fastai's own copies
     the loss to the host after every batch, which on a GPU stalls the CPU until that step has finished."""
@@ -228,6 +370,10 @@ class RunCheckpoint(Callback):
                 items = self.info.items()
                 self.sources = source_codes(items[items.split == "train"])[1]   # the loader's source ids' names
             self.info.meta["group_dro_weights"] = dro_weights_by_stratum(dro, self.info.classes, self.sources)
+        adv = callback_of(self.learn, SourceAdversary)
+        if adv is not None:  # its head carries on in a resumed run; run.json shows how well it told sources apart
+            state["source_adversary"] = adv.checkpoint()
+            self.info.meta.setdefault("source_adversary", {})[str(self.epoch + 1)] = adv.epoch_summary(self.epoch)
         with atomic_save_path(self.info.last_path) as tmp:
             torch.save(state, tmp)
         self.history.append({"epoch": self.epoch + 1, **vals,
@@ -285,9 +431,14 @@ class EpochLog(Callback):
         self.log(f"epoch {self.epoch + 1}/{self.n_epoch}: " + " ".join(parts))
 
 
+def callback_of(learn, kind: type):
+    """The learner's callback of this type, or None."""
+    return next((cb for cb in learn.cbs if isinstance(cb, kind)), None)
+
+
 def group_dro_of(learn):
     """The learner's GroupDRO callback, or None."""
-    return next((cb for cb in learn.cbs if isinstance(cb, GroupDRO)), None)
+    return callback_of(learn, GroupDRO)
 
 
 def dro_weights_by_stratum(dro: GroupDRO, classes: list[str], sources: list[str]) -> dict[str, float]:

@@ -110,6 +110,10 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
         from .callbacks import GroupDRO
 
         learn.add_cb(GroupDRO(cfg.group_dro))
+    if cfg.source_adversary > 0:
+        from .callbacks import SourceAdversary
+
+        learn.add_cb(SourceAdversary(cfg.source_adversary, seed=cfg.seed))
     if cuda:
         import torch
 
@@ -160,6 +164,12 @@ def validate_config(cfg: TrainConfig) -> None:
         raise CxrError("--group-dro reads each image's source from the cached loader; drop --data-path pil")
     if cfg.group_dro > 0 and cfg.mixup > 0:
         raise CxrError("--group-dro and --mixup both set the training loss: give one of them")
+    if cfg.source_adversary < 0:
+        raise CxrError(f"--source-adversary {cfg.source_adversary} is negative: give a weight > 0 (e.g. 1), or 0 for off")
+    if cfg.source_adversary > 0 and cfg.data_path == "pil":
+        raise CxrError("--source-adversary reads each image's source from the cached loader; drop --data-path pil")
+    if cfg.source_adversary > 0 and cfg.mixup > 0:
+        raise CxrError("--source-adversary reads each image's class and source, which --mixup blends: give one of them")
     if cfg.mixup_pairs != "random" and cfg.mixup == 0:
         raise CxrError(f"--mixup-pairs {cfg.mixup_pairs} chooses MixUp's partners: give --mixup ALPHA too")
     if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
@@ -322,6 +332,10 @@ def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log,
             from .callbacks import group_dro_of
 
             group_dro_of(learn).q = state["group_dro_q"]
+        if "source_adversary" in state:
+            from .callbacks import SourceAdversary, callback_of
+
+            callback_of(learn, SourceAdversary).state = state["source_adversary"]
         log(f"resuming {info.path} at epoch {ck.epochs_done + 1}/{cfg.epochs}" if ck.epochs_done < cfg.epochs else
             f"{info.path}: all {cfg.epochs} epochs were trained; finishing the run (best epoch -> learner.pkl)")
     if cfg.compile:
