@@ -404,7 +404,7 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
     from fastai.callback.core import Callback
     from fastai.learner import load_learner
 
-    from cxr_fastai.train import callbacks, fit
+    from cxr_fastai.train import fit
     from cxr_fastai.train.callbacks import SourceAdversary, callback_of, conditional_source_loss
 
     seen = []
@@ -452,8 +452,7 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
         fit.train(cfg.replace(run=str(tmp_path / "part")))
     fit.train(TrainConfig(run=str(tmp_path / "part")), resume=True)
     full, part = (torch.load(tmp_path / r / "checkpoints" / "last.pth", weights_only=False) for r in ("full", "part"))
-    for key in ("model",):
-        assert max((full[key][k].float() - part[key][k].float()).abs().max().item() for k in full[key]) <= 1e-5
+    assert max((full["model"][k].float() - part["model"][k].float()).abs().max().item() for k in full["model"]) <= 1e-5
     heads = full["source_adversary"]["net"], part["source_adversary"]["net"]
     assert max((heads[0][k] - heads[1][k]).abs().max().item() for k in heads[0]) <= 1e-5
     exported = callback_of(load_learner(tmp_path / "full" / "learner.pkl"), SourceAdversary)
