@@ -4,7 +4,7 @@
 # within the machine's idle release (the first call's /tmp survives while the machine stays warm):
 #   here:   bash benchmarks/gpu/prepare.sh && OUT=/tmp/x bash benchmarks/gpu/generalisation.sh pack-adult
 #   call 1: run(carry=[".device"], command="bash benchmarks/gpu/generalisation.sh setup")
-#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-crop rows-mix rows-dro loso-default loso-half")
+#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-adv rows-crop rows-mix rows-dro loso-default loso-half loso-adv")
 # Stages (in the order given; each writes its figures to $OUT as it ends, so a timeout keeps the finished ones):
 #   setup         wheels into /tmp/site, cxr3 into /tmp/cxr3, the machine's versions into $OUT/env.txt
 #   adult         cxr3-adult into /tmp/cxr3-adult
@@ -15,10 +15,12 @@
 #   rows-dro      --group-dro 0.01 on the recommended data at 128 px / 10 epochs, as rows128
 #   rows-crop     --crop-border 0.1 on the recommended data at 128 px / 10 epochs, as rows128
 #   rows-half     --balance class-then-source --balance-power 0.5 --crop-border 0.1 at 128 px / 10 epochs, as rows128
+#   rows-adv      --source-adversary 1 on the recommended data at 128 px / 10 epochs, as rows128
 #   loso-default  crossval of the recommended recipe at 32 px / 10 epochs (every fold: a GPU series of its own)
 #   loso-cxr3     crossval of the old default (cxr3 only) at 32 px / 10 epochs
 #   loso-lever    crossval with --balance class-then-source --augment light at 32 px / 10 epochs
 #   loso-half     crossval with --balance class-then-source --balance-power 0.5 --crop-border 0.1 at 32 px / 10 epochs
+#   loso-adv      crossval with --source-adversary 1 at 32 px / 10 epochs
 # Figures only come back (JSON, Markdown, PNG, histories); no model.
 # CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default
 set -euo pipefail
@@ -53,6 +55,7 @@ row() {  # NAME [train options]: train both roots, export, evaluate, keep the fi
     cli evaluate "$w/art-$name" "$d2" --split test "${dev[@]}" --out "$OUT/$name-adult-test.json" >/dev/null
     cli evaluate "$w/art-$name" "$d1" "$d2" --split valid "${dev[@]}" --out "$OUT/$name-valid.json" >/dev/null
     cp "$w/$name/history.csv" "$OUT/$name-history.csv"
+    cp "$w/$name/run.json" "$OUT/$name-run.json"   # best epoch, validation by source, the adversary's figures
 }
 series() {  # NAME ROOTS... -- [options]: a crossval series, its summaries and every fold's result back
     local name=$1; shift
@@ -83,10 +86,12 @@ for stage in "$@"; do
         rows-dro) row dro128 --group-dro 0.01 ;;
         rows-crop) row crop128 --crop-border 0.1 ;;
         rows-half) row half128 --balance class-then-source --balance-power 0.5 --crop-border 0.1 ;;
+        rows-adv) row adv128 --source-adversary 1 ;;
         loso-default) series loso-default "$d1" "$d2" ;;
         loso-cxr3) series loso-cxr3 "$d1" ;;
         loso-lever) series loso-lever "$d1" "$d2" --balance class-then-source --augment light ;;
         loso-half) series loso-half "$d1" "$d2" --balance class-then-source --balance-power 0.5 --crop-border 0.1 ;;
+        loso-adv) series loso-adv "$d1" "$d2" --source-adversary 1 ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
