@@ -187,7 +187,11 @@ RECIPE = {
     "mixup": typer.Option(D.mixup, "--mixup", min=0.0, max=10.0, help="MixUp: blend each training image and its loss with another of the batch, weight from Beta(ALPHA, ALPHA) (fastai's MixUp; 0.4 is its default); 0 = off."),
     "mixup_pairs": typer.Option(MixupPairs(D.mixup_pairs), "--mixup-pairs", help="With --mixup: random (fastai's MixUp) or lisa: half the time a partner of the same class from another source, else of the same source and another class (Yao et al. 2022)."),
     "group_dro": typer.Option(D.group_dro, "--group-dro", min=0.0, max=10.0, help="Group DRO (Sagawa et al. 2020): weight each class x source stratum's loss, the worst-fitted most; ETA is the step size of those weights (0.01 is the paper's); 0 = off."),
-    "source_adversary": typer.Option(D.source_adversary, "--source-adversary", min=0.0, max=10.0, help="Class-conditional source adversary (Li et al. 2018): a small head learns each training image's source from the features given its class, and the network learns to defeat it through a reversed gradient of weight up to W (DANN's ramp from 0); 0 = off."),
+    "source_adversary": typer.Option(D.source_adversary, "--source-adversary", min=0.0, max=10.0,
+                                     help="Class-conditional source adversary (Li et al. 2018): a small head learns "
+                                          "each training image's source from the features given its class, and the "
+                                          "network learns to defeat it through a reversed gradient of weight up to W "
+                                          "(DANN's ramp from 0); 0 = off."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }
 

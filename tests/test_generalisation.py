@@ -285,6 +285,24 @@ def test_lisa_mixup_pairs_real_batches_by_their_sources(two_site_run):
     assert rules["label"] and rules["source"]
 
 
+def _train_with(monkeypatch, cfg: TrainConfig, *cbs) -> None:
+    """fit.train(cfg) with these callbacks added to its learner."""
+    from cxr_fastai.train import fit
+
+    make_learner = fit.make_learner
+
+    def with_cbs(*a, **kw):
+        learn = make_learner(*a, **kw)
+        learn.add_cbs(list(cbs))
+        return learn
+
+    monkeypatch.setattr(fit, "make_learner", with_cbs)
+    try:
+        fit.train(cfg)
+    finally:
+        monkeypatch.setattr(fit, "make_learner", make_learner)
+
+
 def test_group_dro_step_moves_weight_to_the_worst_fitted_group_present():
     import math
 
@@ -330,16 +348,7 @@ def test_group_dro_trains_on_the_strata_and_a_resumed_run_carries_its_weights(tw
                 seen[-1].update(loss=self.learn.loss_grad.detach().clone(), q_after=dro.q.clone())
 
     cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, group_dro=0.5)
-    make_learner = fit.make_learner
-
-    def with_look(*a, **kw):
-        learn = make_learner(*a, **kw)
-        learn.add_cbs([Look(5), Look(20)])
-        return learn
-
-    monkeypatch.setattr(fit, "make_learner", with_look)
-    fit.train(cfg.replace(run=str(tmp_path / "full")))
-    monkeypatch.setattr(fit, "make_learner", make_learner)
+    _train_with(monkeypatch, cfg.replace(run=str(tmp_path / "full")), Look(5), Look(20))
     assert seen
     train_rows = pd.read_csv(tmp_path / "full" / "items.csv").query("split == 'train'")
     codes = pd.factorize(train_rows.source.astype(str), sort=True)[0]
@@ -427,16 +436,7 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
                 s["recorded"] = self.learn.loss.detach()
 
     cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, source_adversary=1.0)
-    make_learner = fit.make_learner
-
-    def with_look(*a, **kw):
-        learn = make_learner(*a, **kw)
-        learn.add_cbs([Look(5), Look(20)])
-        return learn
-
-    monkeypatch.setattr(fit, "make_learner", with_look)
-    fit.train(cfg.replace(run=str(tmp_path / "full")))
-    monkeypatch.setattr(fit, "make_learner", make_learner)
+    _train_with(monkeypatch, cfg.replace(run=str(tmp_path / "full")), Look(5), Look(20))
     assert seen
     for s in seen:   # both sites have every class: every item counts
         assert torch.allclose(s["after"], s["before"] + s["want"], atol=1e-5)

@@ -158,16 +158,14 @@ def validate_config(cfg: TrainConfig) -> None:
         raise CxrError(f"--mixup {cfg.mixup} is negative: give a Beta alpha > 0, or 0 for no MixUp")
     if cfg.mixup > 0 and cfg.bs < 2:
         raise CxrError("--mixup blends images within a batch: give --bs 2 or more")
-    if cfg.group_dro < 0:
-        raise CxrError(f"--group-dro {cfg.group_dro} is negative: give a step size > 0 (e.g. 0.01), or 0 for off")
-    if cfg.group_dro > 0 and cfg.data_path == "pil":
-        raise CxrError("--group-dro reads each image's source from the cached loader; drop --data-path pil")
+    for flag, value, what in (("--group-dro", cfg.group_dro, "a step size > 0 (e.g. 0.01)"),
+                              ("--source-adversary", cfg.source_adversary, "a weight > 0 (e.g. 1)")):
+        if value < 0:
+            raise CxrError(f"{flag} {value} is negative: give {what}, or 0 for off")
+        if value > 0 and cfg.data_path == "pil":
+            raise CxrError(f"{flag} reads each image's source from the cached loader; drop --data-path pil")
     if cfg.group_dro > 0 and cfg.mixup > 0:
         raise CxrError("--group-dro and --mixup both set the training loss: give one of them")
-    if cfg.source_adversary < 0:
-        raise CxrError(f"--source-adversary {cfg.source_adversary} is negative: give a weight > 0 (e.g. 1), or 0 for off")
-    if cfg.source_adversary > 0 and cfg.data_path == "pil":
-        raise CxrError("--source-adversary reads each image's source from the cached loader; drop --data-path pil")
     if cfg.source_adversary > 0 and cfg.mixup > 0:
         raise CxrError("--source-adversary reads each image's class and source, which --mixup blends: give one of them")
     if cfg.mixup_pairs != "random" and cfg.mixup == 0:
