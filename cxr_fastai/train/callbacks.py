@@ -1,8 +1,8 @@
 """The fastai callbacks of a training run. Importing this module imports fastai.
 
 Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
-`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`, `SourceAdversary`. Per-fit callbacks (given to `fit_one_cycle` only):
-`RunCheckpoint`, `Eta`, `EpochLog`.
+`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`, `SourceAdversary`. Per-fit callbacks (given to
+`fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
 """
 from __future__ import annotations
 
@@ -220,12 +220,8 @@ class SourceAdversary(Callback):
     def __init__(self, weight: float = 1.0, hidden: int = 256, lr: float = 1e-3, seed: int = 0):
         # (not .lr / .opt: a callback's attributes must not shadow the learner's)
         self.weight, self.hidden, self.head_lr, self.seed = float(weight), int(hidden), float(lr), int(seed)
-        self.net = self.head_opt = self.state = None
-        self._clear()
-
-    def _clear(self):
-        self.feats = self.hook = None
-        self.epoch_stats = [0.0, 0, 0]   # loss sum (x items), items, hits
+        self.net = self.head_opt = self.state = self.feats = self.hook = None
+        self.epoch_stats = [0.0, 0, 0]   # this epoch's loss sum (x items), items, hits
 
     def before_fit(self):
         from torch import nn
