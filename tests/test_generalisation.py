@@ -414,7 +414,7 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
     from fastai.learner import load_learner
 
     from cxr_fastai.train import fit
-    from cxr_fastai.train.callbacks import SourceAdversary, callback_of, conditional_source_loss
+    from cxr_fastai.train.callbacks import SourceAdversary, adversary_ramp, callback_of, conditional_source_loss
 
     seen = []
 
@@ -425,15 +425,19 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
             if not self.training:
                 return
             if self.order < adv.order:
-                seen.append({"feats": adv.feats.detach().clone(), "y": self.y.clone(),
-                             "g": self.dl.groups[self.dl.last_idx].clone(), "before": self.learn.loss_grad.detach()})
-            else:
-                y, s = self.y, seen[-1]
-                with torch.no_grad():
-                    logits = adv.net(s["feats"]).view(len(y), -1, adv.n_sources)
-                s["want"] = conditional_source_loss(logits, s["y"], s["g"], adv.allowed)[0]
-                s["after"] = self.learn.loss_grad.detach()
-                s["recorded"] = self.learn.loss.detach()
+                seen.append({"feats": adv.feats, "y": self.y.clone(), "g": self.dl.groups[self.dl.last_idx].clone(),
+                             "before": self.learn.loss_grad})
+                return
+            y, s = self.y, seen[-1]
+            feats = s["feats"].detach().clone().requires_grad_()
+            plain = conditional_source_loss(adv.net(feats).view(len(y), -1, adv.n_sources), s["y"], s["g"], adv.allowed)[0]
+            # what reaches the features from the added term: the head's own gradient, reversed and scaled
+            added = self.learn.loss_grad - s["before"]
+            s["grad"] = torch.autograd.grad(added, s["feats"], retain_graph=True)[0]
+            s["plain_grad"] = torch.autograd.grad(plain, feats)[0]
+            s["lam"] = adv.weight * adversary_ramp((self.epoch + self.iter / self.n_iter) / self.n_epoch)
+            s.update(want=plain.detach(), after=self.learn.loss_grad.detach(), recorded=self.learn.loss.detach(),
+                     before=s["before"].detach())
 
     cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, source_adversary=1.0)
     _train_with(monkeypatch, cfg.replace(run=str(tmp_path / "full")), Look(5), Look(20))
@@ -441,6 +445,8 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
     for s in seen:   # both sites have every class: every item counts
         assert torch.allclose(s["after"], s["before"] + s["want"], atol=1e-5)
         assert torch.allclose(s["recorded"], s["before"])        # the loss a run records is the classifier's
+        assert torch.allclose(s["grad"], -s["lam"] * s["plain_grad"], atol=1e-7)
+    assert max(s["lam"] for s in seen) > 0.5 and max(s["plain_grad"].abs().max().item() for s in seen) > 0
     report = json.loads((tmp_path / "full" / "run.json").read_text())["source_adversary"]
     assert set(report) == {"1", "2"}
     for r in report.values():
