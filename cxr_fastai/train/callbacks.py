@@ -189,17 +189,16 @@ def conditional_source_loss(logits, y, g, allowed):
     source of each item; allowed: (C, S) bool, the sources with training images of each class. Each item's
     source is predicted among its own class's sources (the row of its class, the others masked); items whose
     class has one source only are left out (nothing to tell apart). Returns (mean cross-entropy over the
-    items kept, number kept, number whose source the adversary got right)."""
+    items kept, number kept, number whose source the adversary got right), all tensors on the logits'
+    device: no host sync per training step."""
     import torch.nn.functional as F
 
     mask = allowed[y]                                                 # (B, S)
     keep = mask.sum(1) >= 2
-    n = int(keep.sum())
-    if n == 0:
-        return logits.sum() * 0.0, 0, 0
-    rows = logits[torch.arange(len(y), device=y.device), y].float().masked_fill(~mask, float("-inf"))[keep]
-    target = g[keep]
-    return F.cross_entropy(rows, target), n, int((rows.argmax(1) == target).sum())
+    n = keep.sum()
+    rows = logits[torch.arange(len(y), device=y.device), y].float().masked_fill(~mask, float("-inf"))
+    ce = torch.where(keep, F.cross_entropy(rows, g, reduction="none"), 0.0)
+    return ce.sum() / n.clamp(min=1), n, ((rows.argmax(1) == g) & keep).sum()
 
 
 class SourceAdversary(Callback):
@@ -268,11 +267,9 @@ class SourceAdversary(Callback):
         logits = self.net(reverse_grad(feats.float(), lam)).view(len(y), -1, self.n_sources)
         g = self.dl.groups[self.dl.last_idx].to(y.device)
         loss, n, hits = conditional_source_loss(logits, y, g, self.allowed)
-        if n:
-            self.learn.loss_grad = self.learn.loss_grad + loss
-            self.epoch_stats[0] += float(loss.detach()) * n
-            self.epoch_stats[1] += n
-            self.epoch_stats[2] += hits
+        self.learn.loss_grad = self.learn.loss_grad + loss     # 0 (no gradient) when no item has two sources
+        for i, v in enumerate((loss.detach() * n, n, hits)):     # on the device: read once per epoch
+            self.epoch_stats[i] = self.epoch_stats[i] + v
 
     def after_step(self):
         self.head_opt.step()
@@ -289,7 +286,8 @@ class SourceAdversary(Callback):
                 "opt": self.head_opt.state_dict()}
 
     def epoch_summary(self, epoch: int) -> dict:
-        loss, n, hits = self.epoch_stats
+        loss, n, hits = (float(v) for v in self.epoch_stats)
+        n = int(n)
         lam = self.weight * adversary_ramp((epoch + 1) / self.n_epoch)
         return {"within_class_source_accuracy": round(hits / n, 4) if n else None,
                 "commonest_source_share": round(self.chance, 4), "loss": round(loss / n, 4) if n else None,
