@@ -100,6 +100,19 @@ def pick_partners(y, g, by_label, scores, fallback):
     return torch.where(best >= 0, j, fallback)
 
 
+def strata_counts(dl, n_classes: int, option: str):
+    """(number of training sources, counts[class, source]: training images of each class x source stratum), on
+    the CPU, from the cached loader's labels and source ids. `option` names the recipe option that needs them
+    in the error raised when the loader has no source ids (the PIL path, or one process of several)."""
+    if getattr(dl, "groups", None) is None:
+        raise CxrError(f"{option} reads each image's source from the cached loader in one process: "
+                       "use --data-path cached without --procs")
+    labels, groups = dl.cache[1].cpu(), dl.groups.cpu()
+    n_sources = int(groups.max()) + 1 if len(groups) else 1
+    counts = torch.bincount(labels * n_sources + groups, minlength=n_classes * n_sources)
+    return n_sources, counts.view(n_classes, n_sources)
+
+
 class GroupDRO(Callback):
     """Online group DRO (Sagawa et al., ICLR 2020, "Distributionally robust neural networks for group
     shifts", their Algorithm 1). Groups are the class x source strata that have training images. Each training
@@ -115,14 +128,9 @@ class GroupDRO(Callback):
         self.eta, self.q = float(eta), None
 
     def before_fit(self):
-        dl = self.dls.train
-        if getattr(dl, "groups", None) is None:
-            raise CxrError("--group-dro reads each image's source from the cached loader in one process: "
-                           "use --data-path cached without --procs")
-        self.n_sources = int(dl.groups.max()) + 1 if len(dl.groups) else 1
-        n = self.n_sources * len(self.dls.vocab)
-        k = dl.cache[1].to(dl.groups.device) * self.n_sources + dl.groups
-        self.present = (torch.bincount(k, minlength=n) > 0).cpu()   # strata (class * n_sources + source) with images
+        self.n_sources, counts = strata_counts(self.dls.train, len(self.dls.vocab), "--group-dro")
+        n = counts.numel()
+        self.present = (counts > 0).flatten()   # strata (class * n_sources + source) with images
         if self.q is None or self.q.numel() != n:  # a resumed run has its q set from the checkpoint
             # uniform over the strata that have training images; an empty stratum keeps weight 0
             self.q = self.present.float() / self.present.sum()
@@ -225,16 +233,9 @@ class SourceAdversary(Callback):
     def before_fit(self):
         from torch import nn
 
-        dl = self.dls.train
-        if getattr(dl, "groups", None) is None:
-            raise CxrError("--source-adversary reads each image's source from the cached loader in one process: "
-                           "use --data-path cached without --procs")
         model = unwrap(self.learn.model)
-        self.n_sources = int(dl.groups.max()) + 1 if len(dl.groups) else 1
         n_classes = len(self.dls.vocab)
-        labels, groups = dl.cache[1].cpu(), dl.groups.cpu()
-        counts = torch.zeros(n_classes, self.n_sources, dtype=torch.long)
-        counts.index_put_((labels, groups), torch.ones_like(labels), accumulate=True)
+        self.n_sources, counts = strata_counts(self.dls.train, n_classes, "--source-adversary")
         self.allowed = (counts > 0).to(self.dls.device)
         # always naming the class's commonest source (among its training images): what a head that learned
         # nothing from the features would score
