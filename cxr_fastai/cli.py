@@ -192,6 +192,10 @@ RECIPE = {
                                           "each training image's source from the features given its class, and the "
                                           "network learns to defeat it through a reversed gradient of weight up to W "
                                           "(DANN's ramp from 0); 0 = off."),
+    "weight_average": typer.Option(D.weight_average, "--weight-average", min=0.0, max=1.0,
+                                   help="Average the weights over every training step of the last FRACTION of the "
+                                        "epochs (SWA/SWAD; e.g. 0.5) and make the average, BatchNorm statistics "
+                                        "recomputed, the run's model; 0 = off (the best epoch is)."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }
 
@@ -208,7 +212,7 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
                        contrast=v["contrast"].value,
                        crop_border=v["crop_border"],
                        mixup=v["mixup"], mixup_pairs=v["mixup_pairs"].value, group_dro=v["group_dro"],
-                       source_adversary=v["source_adversary"],
+                       source_adversary=v["source_adversary"], weight_average=v["weight_average"],
                        opt=v["opt"].value, **extra)
 
 
@@ -241,6 +245,7 @@ def train(
     mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
     group_dro: float = RECIPE["group_dro"],
     source_adversary: float = RECIPE["source_adversary"],
+    weight_average: float = RECIPE["weight_average"],
     opt: OptKind = RECIPE["opt"],
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -531,6 +536,7 @@ def crossval_cmd(
     mixup_pairs: MixupPairs = RECIPE["mixup_pairs"],
     group_dro: float = RECIPE["group_dro"],
     source_adversary: float = RECIPE["source_adversary"],
+    weight_average: float = RECIPE["weight_average"],
     exclude_source: List[str] = RECIPE["exclude_source"],
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),

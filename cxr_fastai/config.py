@@ -73,6 +73,9 @@ class TrainConfig:
                                    # head learns each training image's source from the pooled features given its class,
                                    # the network gets its gradient reversed, weighted up to this; 0 = off. Cached
                                    # path, one process
+    weight_average: float = 0.0    # average the weights over every training step of the last FRACTION of the epochs
+                                   # (SWA / SWAD); the average, BatchNorm statistics recomputed, is the run's model;
+                                   # 0 = off (the best epoch by validation is)
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it

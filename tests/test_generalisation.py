@@ -465,6 +465,65 @@ def test_source_adversary_adds_its_loss_and_a_resumed_run_carries_its_head(two_s
     assert isinstance(exported, SourceAdversary) and exported.net is None and exported.head_opt is None
 
 
+def test_weight_average_covers_the_last_fraction_of_the_epochs():
+    from cxr_fastai.train.callbacks import averaging_first_epoch
+
+    assert [averaging_first_epoch(10, f) for f in (0.5, 1.0, 0.3, 0.01)] == [5, 0, 7, 9]
+    assert averaging_first_epoch(2, 0.5) == 1 and averaging_first_epoch(1, 0.2) == 0
+
+
+def test_weight_average_makes_the_mean_of_every_step_the_model_and_a_resumed_run_carries_it(two_sites, tmp_path,
+                                                                                            monkeypatch):
+    """--weight-average 1: the run's model is the mean of the weights after every training step (BatchNorm
+    statistics recomputed for it); run.json's figures are the average's; the best single epoch is kept beside it;
+    the mean is in the checkpoint (a run interrupted after epoch 1 and resumed ends with the same model) and not
+    in learner.pkl."""
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.learner import load_learner
+
+    from cxr_fastai.train import fit
+    from cxr_fastai.train.callbacks import WeightAverage, callback_of
+    from cxr_fastai.train.runs import load_run
+
+    steps = []
+
+    class Look(Callback):  # the weights after each optimizer step
+        order = 80
+        def after_step(self):
+            steps.append({n: p.detach().clone() for n, p in self.learn.model.named_parameters()})
+
+    cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, weight_average=1.0)
+    _train_with(monkeypatch, cfg.replace(run=str(tmp_path / "full")), Look())
+    full = tmp_path / "full"
+    meta = json.loads((full / "run.json").read_text())
+    assert len(steps) >= 4 and meta["weight_average"] == {"from_epoch": 1, "to_epoch": 2, "steps": len(steps)}
+    best = torch.load(full / "checkpoints" / "best.pth", weights_only=True)
+    for name in steps[0]:
+        want = torch.stack([s[name] for s in steps]).mean(0)
+        assert torch.allclose(best[name], want, atol=1e-6), name
+    last = torch.load(full / "checkpoints" / "last.pth", weights_only=False)
+    bn = [k for k in best if k.endswith("running_mean")]
+    assert bn and all(not torch.allclose(best[k], last["model"][k]) for k in bn)   # statistics of its own
+    assert all(torch.isfinite(best[k]).all() for k in bn)
+    # the figures run.json gives are the averaged model's own, and the single best epoch is kept
+    assert meta["best"]["averaged"] and "balanced_accuracy_score" in meta["best_single_epoch"]
+    assert (full / "checkpoints" / "best_epoch.pth").is_file()
+    again = fit.learner_from_run(load_run(full), "cpu")
+    with again.no_bar():
+        loss, acc, bal = again.validate()
+    assert abs(acc - meta["best"]["accuracy"]) < 1e-6 and abs(loss - meta["best"]["valid_loss"]) < 1e-5
+
+    with interrupted_after_first_epoch(monkeypatch):
+        fit.train(cfg.replace(run=str(tmp_path / "part")))
+    assert torch.load(tmp_path / "part" / "checkpoints" / "last.pth", weights_only=False)["weight_average"]["n"] > 0
+    fit.train(TrainConfig(run=str(tmp_path / "part")), resume=True)
+    part = torch.load(tmp_path / "part" / "checkpoints" / "best.pth", weights_only=True)
+    assert max((best[k].float() - part[k].float()).abs().max().item() for k in best) <= 1e-5
+    exported = callback_of(load_learner(full / "learner.pkl"), WeightAverage)
+    assert isinstance(exported, WeightAverage) and exported.avg is None
+
+
 def test_audit_names_a_source_that_stands_for_a_class():
     from cxr_fastai.data.audit import confounds
 

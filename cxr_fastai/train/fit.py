@@ -114,6 +114,10 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
         from .callbacks import SourceAdversary
 
         learn.add_cb(SourceAdversary(cfg.source_adversary, seed=cfg.seed))
+    if cfg.weight_average > 0:
+        from .callbacks import WeightAverage
+
+        learn.add_cb(WeightAverage(cfg.weight_average))
     if cuda:
         import torch
 
@@ -168,6 +172,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise CxrError("--group-dro and --mixup both set the training loss: give one of them")
     if cfg.source_adversary > 0 and cfg.mixup > 0:
         raise CxrError("--source-adversary reads each image's class and source, which --mixup blends: give one of them")
+    if not 0 <= cfg.weight_average <= 1:
+        raise CxrError(f"--weight-average {cfg.weight_average} is outside 0..1 (the fraction of the epochs averaged; 0 = off)")
     if cfg.mixup_pairs != "random" and cfg.mixup == 0:
         raise CxrError(f"--mixup-pairs {cfg.mixup_pairs} chooses MixUp's partners: give --mixup ALPHA too")
     if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
@@ -334,6 +340,10 @@ def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log,
             from .callbacks import SourceAdversary, callback_of
 
             callback_of(learn, SourceAdversary).state = state["source_adversary"]
+        if "weight_average" in state:
+            from .callbacks import WeightAverage, callback_of
+
+            callback_of(learn, WeightAverage).state = state["weight_average"]
         log(f"resuming {info.path} at epoch {ck.epochs_done + 1}/{cfg.epochs}" if ck.epochs_done < cfg.epochs else
             f"{info.path}: all {cfg.epochs} epochs were trained; finishing the run (best epoch -> learner.pkl)")
     if cfg.compile:
@@ -371,17 +381,52 @@ def fit(learn, info: RunInfo, ck: Checkpoint, *, progress: bool, log: Log, warn:
 
 
 def finish(learn, info: RunInfo) -> None:
-    """The best epoch's weights become the run's model and learner.pkl; the run is marked finished."""
+    """The best epoch's weights become the run's model and learner.pkl; the run is marked finished. With
+    --weight-average, the averaged weights do instead (`average_into_best`)."""
     import torch
 
     from .callbacks import unwrap
 
     learn.model = unwrap(learn.model)
+    if info.cfg.weight_average > 0:
+        average_into_best(learn, info)
     learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
     info.meta["best_by_source"] = validation_by_source(learn, info)
     export_learner(learn, info.path / "learner.pkl")
     info.meta["finished"] = True
     write_json(info.path / "run.json", info.meta)
+
+
+def average_into_best(learn, info: RunInfo) -> None:
+    """--weight-average: the averaged weights, their BatchNorm statistics recomputed, become the run's model
+    (checkpoints/best.pth); the best single epoch's weights stay as checkpoints/best_epoch.pth and its
+    validation figures in run.json's `best_single_epoch`, beside the average's in `best`."""
+    import torch
+
+    from .callbacks import WeightAverage, callback_of, use_average
+
+    wa = callback_of(learn, WeightAverage)
+    single = info.path / "checkpoints" / "best_epoch.pth"
+    if not single.is_file():  # (finishing again after an interruption: the single epoch's weights are kept already)
+        with atomic_save_path(single) as tmp:
+            shutil.copyfile(info.best_path, tmp)
+        info.meta["best_single_epoch"] = info.meta.get("best", {})
+    use_average(learn, wa)
+    with learn.no_bar():
+        vals = learn.validate()
+    names = ["valid_loss"] + [m.name for m in learn.metrics]
+    info.meta["weight_average"] = {"from_epoch": _averaging_from(info.cfg), "to_epoch": info.cfg.epochs,
+                                   "steps": int(wa.n if wa.state is None else wa.state["n"])}
+    info.meta["best"] = {"epoch": info.cfg.epochs, "averaged": True, **{n: float(v) for n, v in zip(names, vals)}}
+    sd = {k: v.detach().cpu().clone() for k, v in learn.model.state_dict().items()}
+    with atomic_save_path(info.best_path) as tmp:
+        torch.save(sd, tmp)
+
+
+def _averaging_from(cfg: TrainConfig) -> int:
+    from .callbacks import averaging_first_epoch
+
+    return averaging_first_epoch(cfg.epochs, cfg.weight_average) + 1
 
 
 def validation_by_source(learn, info: RunInfo) -> dict | None:
