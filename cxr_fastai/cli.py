@@ -285,7 +285,8 @@ def train(
         return
     b = res.best
     typer.echo(f"trained {res.n_train} images ({res.n_valid} validation, {res.skipped} skipped) in {res.seconds:.0f} s; "
-               f"best epoch {res.best_epoch}: valid accuracy {b.get('accuracy', float('nan')):.4f}, "
+               + (f"weights averaged over epoch(s) {b['averaged_from_epoch']}..{res.best_epoch}" if "averaged_from_epoch" in b
+                  else f"best epoch {res.best_epoch}") + f": valid accuracy {b.get('accuracy', float('nan')):.4f}, "
                f"balanced accuracy {b.get('balanced_accuracy_score', float('nan')):.4f}")
     typer.echo(f"run folder: {res.run}  (next: cxr-fastai interpret {res.run}; cxr-fastai export {res.run})")
 

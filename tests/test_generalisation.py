@@ -507,7 +507,7 @@ def test_weight_average_makes_the_mean_of_every_step_the_model_and_a_resumed_run
     assert bn and all(not torch.allclose(best[k], last["model"][k]) for k in bn)   # statistics of its own
     assert all(torch.isfinite(best[k]).all() for k in bn)
     # the figures run.json gives are the averaged model's own, and the single best epoch is kept
-    assert meta["best"]["averaged"] and "balanced_accuracy_score" in meta["best_single_epoch"]
+    assert meta["best"]["averaged_from_epoch"] == 1 and "balanced_accuracy_score" in meta["best_single_epoch"]
     assert (full / "checkpoints" / "best_epoch.pth").is_file()
     again = fit.learner_from_run(load_run(full), "cpu")
     with again.no_bar():

@@ -417,7 +417,8 @@ def average_into_best(learn, info: RunInfo) -> None:
     names = ["valid_loss"] + [m.name for m in learn.metrics]
     info.meta["weight_average"] = {"from_epoch": _averaging_from(info.cfg), "to_epoch": info.cfg.epochs,
                                    "steps": int(wa.n if wa.state is None else wa.state["n"])}
-    info.meta["best"] = {"epoch": info.cfg.epochs, "averaged": True, **{n: float(v) for n, v in zip(names, vals)}}
+    info.meta["best"] = {"epoch": info.cfg.epochs, "averaged_from_epoch": _averaging_from(info.cfg),
+                         **{n: float(v) for n, v in zip(names, vals)}}
     sd = {k: v.detach().cpu().clone() for k, v in learn.model.state_dict().items()}
     with atomic_save_path(info.best_path) as tmp:
         torch.save(sd, tmp)
