@@ -410,7 +410,8 @@ def average_into_best(learn, info: RunInfo) -> None:
     if not single.is_file():  # (finishing again after an interruption: the single epoch's weights are kept already)
         with atomic_save_path(single) as tmp:
             shutil.copyfile(info.best_path, tmp)
-        info.meta["best_single_epoch"] = info.meta.get("best", {})
+    # run.json on disk holds the best single epoch's figures until this function's caller writes it
+    info.meta.setdefault("best_single_epoch", info.meta.get("best", {}))
     use_average(learn, wa)
     with learn.no_bar():
         vals = learn.validate()
