@@ -310,9 +310,9 @@ class WeightAverage(Callback):
     training step of the last `fraction` of the epochs (stochastic weight averaging, Izmailov et al., UAI 2018;
     dense, every step, as SWAD does, Cha et al., NeurIPS 2021, which reports out-of-domain gains on all five
     DomainBed benchmarks; SWAD picks its window from the validation loss, this a fixed one). The sum runs on the
-    device in float32 (one foreach lerp per step); BatchNorm's statistics are recomputed for the averaged weights at the end (`use_average`).
-    The running mean and its count are in the run's checkpoint, so a resumed run carries on with them; never in
-    learner.pkl."""
+    device in float32 (one foreach lerp per step); BatchNorm's statistics are recomputed for the averaged
+    weights at the end (`use_average`). The running mean and its count are in the run's checkpoint, so a
+    resumed run carries on with them; never in learner.pkl."""
     order = 70  # after_step: after the optimizer's step (fastai steps inside the training loop, before callbacks)
 
     def __init__(self, fraction: float = 0.5):
