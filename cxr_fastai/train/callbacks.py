@@ -317,14 +317,17 @@ class WeightAverage(Callback):
 
     def __init__(self, fraction: float = 0.5):
         self.fraction = float(fraction)
-        self.avg, self.n, self.state = None, 0, None
+        self.avg, self.n = None, 0
+
+    def restore(self, state: dict) -> None:
+        """A resumed run: the mean as it stood at the last checkpoint (`checkpoint`'s dict)."""
+        self.avg, self.n = state["avg"], int(state["n"])
 
     def before_fit(self):
         self.first_epoch = averaging_first_epoch(self.n_epoch, self.fraction)
-        if self.state is not None:  # a resumed run: the mean as it stood at the last checkpoint
+        if self.avg is not None:  # restored on the CPU: the sum runs beside the weights
             device = next(unwrap(self.learn.model).parameters()).device
-            self.avg = None if self.state["avg"] is None else [t.to(device) for t in self.state["avg"]]
-            self.n, self.state = int(self.state["n"]), None
+            self.avg = [t.to(device) for t in self.avg]
 
     def after_step(self):
         if self.epoch < self.first_epoch:
@@ -342,17 +345,16 @@ class WeightAverage(Callback):
 
     def averaged_state_dict(self, model) -> dict:
         """model's state dict with every parameter replaced by its mean (buffers as they are)."""
-        avg = self.avg if self.state is None else self.state["avg"]
-        if avg is None:
+        if self.avg is None:
             raise CxrError("--weight-average: no training step was averaged (is the run finished?)")
         names = [n for n, _ in model.named_parameters()]
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        for name, a in zip(names, avg):
+        for name, a in zip(names, self.avg):
             sd[name] = a.to(sd[name].device, sd[name].dtype)
         return sd
 
     def __getstate__(self):  # learner.pkl: no run state
-        return {**self.__dict__, "avg": None, "state": None}
+        return {**self.__dict__, "avg": None}
 
 
 def use_average(learn, wa: "WeightAverage") -> None:

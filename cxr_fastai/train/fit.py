@@ -343,7 +343,7 @@ def build_learner(info: RunInfo, items: pd.DataFrame, *, resume: bool, log: Log,
         if "weight_average" in state:
             from .callbacks import WeightAverage, callback_of
 
-            callback_of(learn, WeightAverage).state = state["weight_average"]
+            callback_of(learn, WeightAverage).restore(state["weight_average"])
         log(f"resuming {info.path} at epoch {ck.epochs_done + 1}/{cfg.epochs}" if ck.epochs_done < cfg.epochs else
             f"{info.path}: all {cfg.epochs} epochs were trained; finishing the run (best epoch -> learner.pkl)")
     if cfg.compile:
@@ -389,8 +389,9 @@ def finish(learn, info: RunInfo) -> None:
 
     learn.model = unwrap(learn.model)
     if info.cfg.weight_average > 0:
-        average_into_best(learn, info)
-    learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
+        average_into_best(learn, info)   # the model holds the averaged weights it saved as best.pth
+    else:
+        learn.model.load_state_dict(torch.load(info.best_path, map_location="cpu", weights_only=True))
     info.meta["best_by_source"] = validation_by_source(learn, info)
     export_learner(learn, info.path / "learner.pkl")
     info.meta["finished"] = True
@@ -403,7 +404,7 @@ def average_into_best(learn, info: RunInfo) -> None:
     validation figures in run.json's `best_single_epoch`, beside the average's in `best`."""
     import torch
 
-    from .callbacks import WeightAverage, callback_of, use_average
+    from .callbacks import WeightAverage, averaging_first_epoch, callback_of, use_average
 
     wa = callback_of(learn, WeightAverage)
     single = info.path / "checkpoints" / "best_epoch.pth"
@@ -416,19 +417,13 @@ def average_into_best(learn, info: RunInfo) -> None:
     with learn.no_bar():
         vals = learn.validate()
     names = ["valid_loss"] + [m.name for m in learn.metrics]
-    info.meta["weight_average"] = {"from_epoch": _averaging_from(info.cfg), "to_epoch": info.cfg.epochs,
-                                   "steps": int(wa.n if wa.state is None else wa.state["n"])}
-    info.meta["best"] = {"epoch": info.cfg.epochs, "averaged_from_epoch": _averaging_from(info.cfg),
+    first = averaging_first_epoch(info.cfg.epochs, info.cfg.weight_average) + 1
+    info.meta["weight_average"] = {"from_epoch": first, "to_epoch": info.cfg.epochs, "steps": wa.n}
+    info.meta["best"] = {"epoch": info.cfg.epochs, "averaged_from_epoch": first,
                          **{n: float(v) for n, v in zip(names, vals)}}
     sd = {k: v.detach().cpu().clone() for k, v in learn.model.state_dict().items()}
     with atomic_save_path(info.best_path) as tmp:
         torch.save(sd, tmp)
-
-
-def _averaging_from(cfg: TrainConfig) -> int:
-    from .callbacks import averaging_first_epoch
-
-    return averaging_first_epoch(cfg.epochs, cfg.weight_average) + 1
 
 
 def validation_by_source(learn, info: RunInfo) -> dict | None:
