@@ -196,6 +196,10 @@ RECIPE = {
                                    help="Average the weights over every training step of the last FRACTION of the "
                                         "epochs (SWA/SWAD; e.g. 0.5) and make the average, BatchNorm statistics "
                                         "recomputed, the run's model; 0 = off (the best epoch is)."),
+    "mix_style": typer.Option(D.mix_style, "--mix-style", min=0.0, max=1.0,
+                              help="MixStyle (Zhou et al. 2021): in this fraction of the training batches (0.5 is the "
+                                   "paper's), mix each image's feature statistics after the first two blocks with "
+                                   "another image's, making new 'hospitals' from the batch; 0 = off."),
     "opt": typer.Option(OptKind(D.opt), "--opt", help="adamw: torch AdamW (foreach/fused); fastai: fastai's Adam."),
 }
 
@@ -213,6 +217,7 @@ def _train_config(data, values: dict, **extra) -> TrainConfig:
                        crop_border=v["crop_border"],
                        mixup=v["mixup"], mixup_pairs=v["mixup_pairs"].value, group_dro=v["group_dro"],
                        source_adversary=v["source_adversary"], weight_average=v["weight_average"],
+                       mix_style=v["mix_style"],
                        opt=v["opt"].value, **extra)
 
 
@@ -246,6 +251,7 @@ def train(
     group_dro: float = RECIPE["group_dro"],
     source_adversary: float = RECIPE["source_adversary"],
     weight_average: float = RECIPE["weight_average"],
+    mix_style: float = RECIPE["mix_style"],
     opt: OptKind = RECIPE["opt"],
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (exports hold the plain module)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -538,6 +544,7 @@ def crossval_cmd(
     group_dro: float = RECIPE["group_dro"],
     source_adversary: float = RECIPE["source_adversary"],
     weight_average: float = RECIPE["weight_average"],
+    mix_style: float = RECIPE["mix_style"],
     exclude_source: List[str] = RECIPE["exclude_source"],
     set_: List[str] = typer.Option([], "--set", help="Any other training option as FIELD=VALUE, a TrainConfig field (e.g. widths=32,64,128,256); repeatable."),
     n_boot: int = typer.Option(CrossvalConfig.n_boot, "--n-boot", min=0, max=100_000, help="Bootstrap resamples for the 95% intervals."),

@@ -76,6 +76,9 @@ class TrainConfig:
     weight_average: float = 0.0    # average the weights over every training step of the last FRACTION of the epochs
                                    # (SWA / SWAD); the average, BatchNorm statistics recomputed, is the run's model;
                                    # 0 = off (the best epoch by validation is)
+    mix_style: float = 0.0         # MixStyle (Zhou et al. 2021): in this fraction of the training batches, mix each
+                                   # image's channel statistics after layer1 and layer2 with a random partner's,
+                                   # weight ~ Beta(0.1, 0.1); 0 = off. Training only: the model is unchanged
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):  # one root, as older runs and callers give it

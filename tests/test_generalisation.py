@@ -524,6 +524,79 @@ def test_weight_average_makes_the_mean_of_every_step_the_model_and_a_resumed_run
     assert isinstance(exported, WeightAverage) and exported.avg is None
 
 
+def test_mix_style_gives_each_image_its_partners_statistics_and_keeps_its_content():
+    import torch
+
+    from cxr_fastai.train.callbacks import mix_style
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1) + 2
+    perm = torch.tensor([1, 2, 3, 0])
+
+    def stats(t):
+        return t.mean((2, 3)), t.var((2, 3)).sqrt()
+
+    assert torch.allclose(mix_style(x, torch.ones(4), perm), x, atol=1e-5)          # lam 1: itself
+    swapped = mix_style(x, torch.zeros(4), perm)                                      # lam 0: the partner's style
+    for got, want in zip(stats(swapped), stats(x[perm])):
+        assert torch.allclose(got, want, atol=1e-3)
+
+    def content(t):
+        m, s = stats(t)
+        return (t - m[..., None, None]) / s[..., None, None]
+
+    assert torch.allclose(content(swapped), content(x), atol=1e-3)
+    half = mix_style(x, torch.full((4,), 0.5), perm)
+    assert torch.allclose(stats(half)[0], (stats(x)[0] + stats(x[perm])[0]) / 2, atol=1e-3)
+
+
+def test_mix_style_mixes_training_batches_only_and_a_resumed_run_matches(two_sites, tmp_path, monkeypatch):
+    """--mix-style 1: every training batch's layer1 and layer2 outputs are mixed (no validation batch is);
+    the run differs from one without it; a run interrupted after epoch 1 and resumed ends with the same
+    model; learner.pkl's model carries no hook."""
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.learner import load_learner
+
+    from cxr_fastai.train import callbacks, fit
+
+    seen = {"train": 0, "valid": 0}
+    mix = callbacks.MixStyle._mix
+
+    def counting(self, module, args, out):
+        res = mix(self, module, args, out)
+        if res is not None:
+            seen["train" if self.learn.training else "valid"] += 1
+            assert not torch.allclose(res, out)
+        return res
+
+    class Batches(Callback):
+        n = 0
+
+        def after_batch(self):
+            self.n += int(self.training)
+
+    batches = Batches()
+    monkeypatch.setattr(callbacks.MixStyle, "_mix", counting)
+    cfg = TrainConfig(data=two_sites, size=16, epochs=2, bs=16, widths=WIDTHS, mix_style=1.0)
+    _train_with(monkeypatch, cfg.replace(run=str(tmp_path / "full")), batches)
+    assert seen["valid"] == 0 and seen["train"] == 2 * batches.n > 0                   # two layers per batch
+    monkeypatch.setattr(callbacks.MixStyle, "_mix", mix)
+    fit.train(cfg.replace(run=str(tmp_path / "plain"), mix_style=0.0))
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.pth", weights_only=False)["model"]
+    plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.pth", weights_only=False)["model"]
+    assert any(not torch.allclose(full[k].float(), plain[k].float()) for k in full)
+
+    with interrupted_after_first_epoch(monkeypatch):
+        fit.train(cfg.replace(run=str(tmp_path / "part")))
+    fit.train(TrainConfig(run=str(tmp_path / "part")), resume=True)
+    part = torch.load(tmp_path / "part" / "checkpoints" / "last.pth", weights_only=False)["model"]
+    assert max((full[k].float() - part[k].float()).abs().max().item() for k in full) <= 1e-5
+    learn = load_learner(tmp_path / "full" / "learner.pkl")
+    assert not any(m._forward_hooks for m in learn.model.modules())
+    assert callbacks.callback_of(learn, callbacks.MixStyle).hooks == []
+
+
 def test_audit_names_a_source_that_stands_for_a_class():
     from cxr_fastai.data.audit import confounds
 

@@ -56,7 +56,7 @@ access_log = logging.getLogger("cxr_fastai.serve.access")
 
 TRAINING_KEYS = ("size", "epochs", "bs", "lr", "wd", "widths", "min_scale", "augment", "balance", "balance_power",
                  "contrast", "crop_border", "label_smoothing", "class_weights", "mixup", "mixup_pairs", "group_dro",
-                 "source_adversary", "weight_average", "exclude_sources", "layout", "counts", "skipped")
+                 "source_adversary", "weight_average", "mix_style", "exclude_sources", "layout", "counts", "skipped")
 OPEN_PATHS = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/"), ("HEAD", "/")}
 _ENV = "CXR_FASTAI_SERVE"   # create_app's arguments for worker processes (--workers > 1)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}

@@ -1,8 +1,8 @@
 """The fastai callbacks of a training run. Importing this module imports fastai.
 
 Learner callbacks (kept in learner.pkl, so module-level and free of run state): `EpochSeed`,
-`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`, `SourceAdversary`. Per-fit callbacks (given to
-`fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
+`SmoothLossOnDevice`, `SelectiveMixUp`, `GroupDRO`, `SourceAdversary`, `WeightAverage`, `MixStyle`.
+Per-fit callbacks (given to `fit_one_cycle` only): `RunCheckpoint`, `Eta`, `EpochLog`.
 """
 from __future__ import annotations
 
@@ -366,6 +366,67 @@ def use_average(learn, wa: "WeightAverage") -> None:
     model.load_state_dict(wa.averaged_state_dict(model))
     with torch.no_grad():
         update_bn(learn.dls.train, model)
+
+
+def mix_style(x, lam, perm, eps: float = 1e-6):
+    """MixStyle's step on one feature map (B, C, H, W): each image's per-channel mean and standard deviation
+    (its "style": brightness, contrast, the texture a pipeline leaves) become lam x its own + (1 - lam) x
+    those of image perm[i]; what the normalised map holds (the content) is kept. The statistics are not
+    differentiated through, as in the paper. Computed in float32 (bf16 autocast on CUDA)."""
+    dtype = x.dtype
+    x = x.float()
+    mu = x.mean((2, 3), keepdim=True).detach()
+    sig = (x.var((2, 3), keepdim=True) + eps).sqrt().detach()
+    lam = lam.view(-1, 1, 1, 1)
+    mixed_mu = lam * mu + (1 - lam) * mu[perm]
+    mixed_sig = lam * sig + (1 - lam) * sig[perm]
+    return ((x - mu) / sig * mixed_sig + mixed_mu).to(dtype)
+
+
+class MixStyle(Callback):
+    """MixStyle (Zhou, Yang, Qiao & Xiang, ICLR 2021, "Domain generalization with MixStyle"): in a training
+    batch chosen with probability `p`, the feature maps after `layers` (ResNet9's layer1 and layer2, the
+    paper's res1-res2) get each image's channel statistics mixed with those of a random partner in the
+    batch, weight lam ~ Beta(alpha, alpha) per image (0.1: mostly near 0 or 1, sometimes halfway). Sources
+    differ by processing and exposure, which the early layers' statistics carry; mixing them makes new
+    "hospitals" from the batch and leaves the content, and the label, alone. Forward hooks while fitting
+    only: the model, its exports and inference are unchanged. Draws come from torch's generator, which
+    EpochSeed seeds per epoch (a resumed run draws what the uninterrupted one would)."""
+    order = 5   # before_batch: before MixUp-style handlers; it only chooses the draws
+
+    def __init__(self, p: float = 0.5, alpha: float = 0.1, layers: tuple[str, ...] = ("layer1", "layer2")):
+        self.p, self.alpha, self.layers = float(p), float(alpha), tuple(layers)
+        self.hooks, self.draw = [], None
+
+    def before_fit(self):
+        model = unwrap(self.learn.model)
+        self.hooks = [getattr(model, name).register_forward_hook(self._mix) for name in self.layers]
+
+    def before_batch(self):
+        self.draw = None
+        bs = len(self.y)
+        if not self.training or bs < 2 or float(torch.rand(())) >= self.p:
+            return
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((bs,))
+        self.draw = (lam.to(self.y.device), torch.randperm(bs).to(self.y.device))
+
+    def _mix(self, module, args, out):
+        if self.draw is None or not module.training:
+            return None
+        return mix_style(out, *self.draw)
+
+    def after_batch(self):
+        self.draw = None
+
+    def after_fit(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks, self.draw = [], None
+
+    def __getstate__(self):  # learner.pkl: the settings, no hook handles
+        d = dict(self.__dict__)
+        d["hooks"], d["draw"] = [], None
+        return d
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):

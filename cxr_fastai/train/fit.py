@@ -118,6 +118,10 @@ def make_learner(cfg: TrainConfig, dls, n_classes: int, path: Path | None = None
         from .callbacks import WeightAverage
 
         learn.add_cb(WeightAverage(cfg.weight_average))
+    if cfg.mix_style > 0:  # its draws come from torch's generator, which EpochSeed seeds: resumes stay identical
+        from .callbacks import MixStyle
+
+        learn.add_cb(MixStyle(cfg.mix_style))
     if cuda:
         import torch
 
@@ -174,6 +178,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise CxrError("--source-adversary reads each image's class and source, which --mixup blends: give one of them")
     if not 0 <= cfg.weight_average <= 1:
         raise CxrError(f"--weight-average {cfg.weight_average} is outside 0..1 (the fraction of the epochs averaged; 0 = off)")
+    if not 0 <= cfg.mix_style <= 1:
+        raise CxrError(f"--mix-style {cfg.mix_style} is outside 0..1 (the fraction of training batches mixed; 0 = off)")
     if cfg.mixup_pairs != "random" and cfg.mixup == 0:
         raise CxrError(f"--mixup-pairs {cfg.mixup_pairs} chooses MixUp's partners: give --mixup ALPHA too")
     if cfg.group_folds and not (cfg.group_folds >= 2 and 0 <= cfg.holdout_fold < cfg.group_folds):
