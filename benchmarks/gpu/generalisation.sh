@@ -4,7 +4,7 @@
 # within the machine's idle release (the first call's /tmp survives while the machine stays warm):
 #   here:   bash benchmarks/gpu/prepare.sh && OUT=/tmp/x bash benchmarks/gpu/generalisation.sh pack-adult
 #   call 1: run(carry=[".device"], command="bash benchmarks/gpu/generalisation.sh setup")
-#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-swa rows-adv rows-crop rows-mix rows-dro loso-default loso-swa loso-half loso-adv")
+#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-swa rows-ms rows-adv rows-crop rows-mix rows-dro loso-default loso-swa loso-ms loso-half loso-adv")
 # Stages (in the order given; each writes its figures to $OUT as it ends, so a timeout keeps the finished ones):
 #   setup         wheels into /tmp/site, cxr3 into /tmp/cxr3, the machine's versions into $OUT/env.txt
 #   adult         cxr3-adult into /tmp/cxr3-adult
@@ -17,12 +17,14 @@
 #   rows-half     --balance class-then-source --balance-power 0.5 --crop-border 0.1 at 128 px / 10 epochs, as rows128
 #   rows-adv      --source-adversary 1 on the recommended data at 128 px / 10 epochs, as rows128
 #   rows-swa      --weight-average 0.5 on the recommended data at 128 px / 10 epochs, as rows128
+#   rows-ms       --mix-style 0.5 on the recommended data at 128 px / 10 epochs, as rows128
 #   loso-default  crossval of the recommended recipe at 32 px / 10 epochs (every fold: a GPU series of its own)
 #   loso-cxr3     crossval of the old default (cxr3 only) at 32 px / 10 epochs
 #   loso-lever    crossval with --balance class-then-source --augment light at 32 px / 10 epochs
 #   loso-half     crossval with --balance class-then-source --balance-power 0.5 --crop-border 0.1 at 32 px / 10 epochs
 #   loso-adv      crossval with --source-adversary 1 at 32 px / 10 epochs
 #   loso-swa      crossval with --weight-average 0.5 at 32 px / 10 epochs
+#   loso-ms       crossval with --mix-style 0.5 at 32 px / 10 epochs
 # Figures only come back (JSON, Markdown, PNG, histories); no model.
 # CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default
 set -euo pipefail
@@ -90,12 +92,14 @@ for stage in "$@"; do
         rows-half) row half128 --balance class-then-source --balance-power 0.5 --crop-border 0.1 ;;
         rows-adv) row adv128 --source-adversary 1 ;;
         rows-swa) row swa128 --weight-average 0.5 ;;
+        rows-ms) row ms128 --mix-style 0.5 ;;
         loso-default) series loso-default "$d1" "$d2" ;;
         loso-cxr3) series loso-cxr3 "$d1" ;;
         loso-lever) series loso-lever "$d1" "$d2" --balance class-then-source --augment light ;;
         loso-half) series loso-half "$d1" "$d2" --balance class-then-source --balance-power 0.5 --crop-border 0.1 ;;
         loso-adv) series loso-adv "$d1" "$d2" --source-adversary 1 ;;
         loso-swa) series loso-swa "$d1" "$d2" --weight-average 0.5 ;;
+        loso-ms) series loso-ms "$d1" "$d2" --mix-style 0.5 ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
