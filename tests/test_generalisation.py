@@ -11,6 +11,7 @@ import pytest
 
 from conftest import interrupted_after_first_epoch
 from cxr_fastai.config import PredictConfig, TrainConfig
+from cxr_fastai.errors import CxrError
 
 WIDTHS = (8, 16, 16, 32)
 
@@ -595,6 +596,8 @@ def test_mix_style_mixes_training_batches_only_and_a_resumed_run_matches(two_sit
     learn = load_learner(tmp_path / "full" / "learner.pkl")
     assert not any(m._forward_hooks for m in learn.model.modules())
     assert callbacks.callback_of(learn, callbacks.MixStyle).hooks == []
+    with pytest.raises(CxrError, match="--mix-style 1.5 is outside 0..1"):
+        fit.validate_config(cfg.replace(mix_style=1.5))
 
 
 def test_audit_names_a_source_that_stands_for_a_class():

@@ -392,7 +392,6 @@ class MixStyle(Callback):
     "hospitals" from the batch and leaves the content, and the label, alone. Forward hooks while fitting
     only: the model, its exports and inference are unchanged. Draws come from torch's generator, which
     EpochSeed seeds per epoch (a resumed run draws what the uninterrupted one would)."""
-    order = 5   # before_batch: before MixUp-style handlers; it only chooses the draws
 
     def __init__(self, p: float = 0.5, alpha: float = 0.1, layers: tuple[str, ...] = ("layer1", "layer2")):
         self.p, self.alpha, self.layers = float(p), float(alpha), tuple(layers)
