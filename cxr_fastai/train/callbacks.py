@@ -414,9 +414,6 @@ class MixStyle(Callback):
             return None
         return mix_style(out, *self.draw)
 
-    def after_batch(self):
-        self.draw = None
-
     def after_fit(self):
         for h in self.hooks:
             h.remove()
