@@ -400,6 +400,55 @@ def evaluate(
         _echo(f"{res.n} images: accuracy {res.accuracy:.4f}, balanced accuracy {res.balanced_accuracy:.4f}; written to {out}")
 
 
+@app.command()
+def adapt(
+    artifact: Path = typer.Argument(..., help="An exported model folder."),
+    inputs: List[Path] = typer.Argument(..., help="The new hospital's images: files and/or folders (searched recursively); with --split or --source, labelled dataset roots (labels are not used)."),
+    to: Path = typer.Option(..., "--to", help="Folder for the adapted artifact (never the one adapted)."),
+    split: List[str] = typer.Option([], "--split", help="INPUTS are dataset roots: take this split's images (repeatable; all: every split)."),
+    source: List[str] = typer.Option([], "--source", help="INPUTS are dataset roots: take only this labels.csv source's images (repeatable)."),
+    bs: int = typer.Option(256, "--bs", min=2, max=8192, help="Images per batch of statistics (batches are made near-equal in size)."),
+    workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled order the batches are made in."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also write model.pkl with the new statistics (loads the old model.pkl: a pickle can run code; only for artifacts you trust). Without it the adapted artifact has no model.pkl."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --to folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+):
+    """Re-estimate the model's BatchNorm statistics on a hospital's own unlabelled films (AdaBN) and write them as a new artifact."""
+    from .artifact.adapt import adapt_artifact
+
+    def progress(done: int, total: int) -> None:
+        _echo(f"adapt: {done}/{total} images")
+
+    with _errors():
+        _out_folder(to, "--to")
+        if trust_pickle:
+            _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
+                  "use it only for artifacts you made or trust")
+        res = adapt_artifact(artifact, inputs, to, splits=split, sources=source, bs=bs, workers=workers,
+                             device=device.value, seed=seed, trust_pickle=trust_pickle, force=force,
+                             progress=None if quiet else progress)
+    if res.skipped:
+        _warn(f"{len(res.skipped)} unreadable image(s) left out (first: {res.skipped[0][1]})")
+    if res.seen_in_training:
+        _warn(f"{res.seen_in_training} of the {res.n_images} images are training images of this model (same file "
+              "content): adapt on the new hospital's films")
+    if res.labels:
+        total = sum(res.labels.values())
+        top, k = max(res.labels.items(), key=lambda kv: kv[1])
+        _echo("labels of these images (not used): " + ", ".join(f"{c} {n}" for c, n in res.labels.items()))
+        if k >= 0.8 * total:
+            _warn(f"{k} of the {total} images are labelled {top}: statistics of a one-sided mix move every film "
+                  "towards it; adapt on a representative mix of the hospital's films")
+    typer.echo(f"adapted on {res.n_images} images: {res.n_bn_layers} BatchNorm layers re-estimated (first layer's "
+               f"means moved {res.shift:.2f} standard deviations on average); written to {res.artifact.folder}: "
+               + ", ".join(sorted(res.artifact.files)))
+    if not res.artifact.has_pickle:
+        typer.echo("  model.pkl left out (pass --trust-pickle to carry it over); predict, evaluate and serve use the "
+                   "safetensors and ONNX files")
+
+
 @app.command("audit")
 def audit_cmd(
     data: List[Path] = typer.Argument(..., help="Dataset root(s) (any layout train accepts)."),

@@ -34,7 +34,12 @@ class Artifact:
 
     @property
     def files(self) -> list[str]:
-        return [MANIFEST, WEIGHTS, PICKLE] + ([MODEL_ONNX] if self.has_onnx else [])
+        return [MANIFEST, WEIGHTS] + ([PICKLE] if self.has_pickle else []) + ([MODEL_ONNX] if self.has_onnx else [])
+
+    @property
+    def has_pickle(self) -> bool:
+        """Whether the manifest lists a model.pkl (`cxr-fastai adapt` without --trust-pickle writes none)."""
+        return PICKLE in self.manifest.get("files", {})
 
     @property
     def has_onnx(self) -> bool:
@@ -343,6 +348,9 @@ def load_pickle_learner(art: Artifact):
 
     from ..data import types  # noqa: F401  (the pickle refers to it; load_learner hides import errors)
 
+    if not art.has_pickle:
+        raise ArtifactError(f"{art.folder}: has no {PICKLE} (adapted without --trust-pickle); use the safetensors "
+                            "weights (drop --trust-pickle) or adapt again with --trust-pickle")
     path = verify_file(art, PICKLE)
     try:
         return load_learner(path, cpu=True)

@@ -22,6 +22,7 @@ class EvalResult:
     artifact: str
     skipped: list[tuple[str, str]]
     seen_in_training: int | None = None   # evaluated images whose bytes were training images (None: artifact lacks the list)
+    seen_in_adaptation: int | None = None  # evaluated images that gave an adapted model's BatchNorm statistics
 
     @property
     def n(self) -> int:
@@ -37,7 +38,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.metrics.to_dict(), "split": self.split, "data": self.data, "artifact": self.artifact,
-                "skipped": [{"path": p, "error": e} for p, e in self.skipped], "seen_in_training": self.seen_in_training}
+                "skipped": [{"path": p, "error": e} for p, e in self.skipped], "seen_in_training": self.seen_in_training,
+                "seen_in_adaptation": self.seen_in_adaptation}
 
 
 def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], split: str = EvalConfig.split,
@@ -46,21 +48,8 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
     pred = load_predictor(artifact, cfg)
     classes = pred.classes
     ds = discover(data)
-    items = ds.items
-    used_split: str | None = None
-    if ds.split_given:
-        used_split = split
-        if split != "all" or "all" in set(items.split):   # a split of the user's own named "all" wins
-            items = items[items.split == split]
-        if len(items) == 0:
-            have = ", ".join(sorted(ds.items.split.unique()))
-            raise DataError(f"{ds.where}: no images in split {split!r} (splits present: {have}); pick one with --split")
-    if sources:
-        missing = sorted(set(sources) - set(items.source))
-        if missing:
-            raise DataError(f"{ds.where}: no images from source {missing[0]!r} in this split "
-                            f"(sources: {', '.join(sorted(set(items.source) - {''})) or 'none'})")
-        items = items[items.source.isin(sources)]
+    items = select_items(ds, (split,), sources)
+    used_split = split if ds.split_given else None
     unknown = sorted(set(items.label) - set(classes))
     if unknown:
         raise DataError(f"{ds.where}: label {unknown[0]!r} is not a class of this model ({', '.join(classes)}); "
@@ -87,23 +76,56 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
         for w in source_warnings(np.array(y), classes, sources) + source_gaps(m.per_source, m.balanced_accuracy,
                                                                              ecfg.source_gap):
             warn(w)
-    seen = seen_in_training(pred.art.manifest, used)
+    seen, adapted = seen_counts(pred.art.manifest, used)
     if seen:
         warn(f"{seen} of the {len(used)} evaluated images were used in training (same file content); these metrics "
              "overstate how the model does on new images: evaluate on images it was not trained on")
-    return EvalResult(m, used_split, ds.where, str(Path(artifact)), skipped, seen)
+    if adapted:
+        warn(f"{adapted} of the {len(used)} evaluated images gave this model's BatchNorm statistics (`cxr-fastai "
+             "adapt`; their labels were not used); figures on them need not carry to films it was not adapted on: "
+             "to measure, adapt on one split and evaluate another")
+    return EvalResult(m, used_split, ds.where, str(Path(artifact)), skipped, seen, adapted)
+
+
+def select_items(ds, splits: Sequence[str], sources: Sequence[str] = ()):
+    """The items of `ds` in any of `splits` ("all": every split, unless the layout has a split of its own
+    named so) and, if given, of `sources`; a split or source with no images is an error naming what exists.
+    A layout without splits of its own (class folders) counts all its images whatever `splits` says."""
+    items = ds.items
+    if ds.split_given:
+        for split in splits:
+            if not len(items[items.split == split]) and not (split == "all" and len(items)):
+                have = ", ".join(sorted(ds.items.split.unique()))
+                raise DataError(f"{ds.where}: no images in split {split!r} (splits present: {have}); pick one with --split")
+        if "all" not in splits or "all" in set(items.split):   # a split of the user's own named "all" wins
+            items = items[items.split.isin(list(splits))]
+    if sources:
+        missing = sorted(set(sources) - set(items.source))
+        if missing:
+            raise DataError(f"{ds.where}: no images from source {missing[0]!r} in this split "
+                            f"(sources: {', '.join(sorted(set(items.source) - {''})) or 'none'})")
+        items = items[items.source.isin(list(sources))]
+    return items.reset_index(drop=True)
 
 
 def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
     """How many of `paths` have the content (SHA-256) of a training image listed in the manifest; None for
     artifacts exported before the list existed."""
+    return seen_counts(manifest, paths)[0]
+
+
+def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None]:
+    """How many of `paths` have the content (SHA-256) of a training image, and of an image that gave an adapted
+    model's BatchNorm statistics (`cxr-fastai adapt`), as the manifest lists them; None where it has no such
+    list (exported before training hashes were kept; never adapted). Each file is hashed once."""
     from ..io.files import hash_files
 
-    known = manifest.get("training_images_sha256")
-    if not isinstance(known, list):
-        return None
-    known = set(known)
-    return sum(h in known for h, _ in hash_files(paths))
+    lists = [manifest.get("training_images_sha256"), (manifest.get("adaptation") or {}).get("images_sha256")]
+    lists = [set(x) if isinstance(x, list) else None for x in lists]
+    if all(x is None for x in lists):
+        return None, None
+    hashes = [h for h, _ in hash_files(paths)]
+    return tuple(None if known is None else sum(h in known for h in hashes) for known in lists)
 
 
 def write_metrics(res: EvalResult, out: str | Path) -> None:

@@ -261,6 +261,9 @@ def create_app(artifact: str | Path, token: str | None = None, max_mb: float = S
             "training": {k: training[k] for k in TRAINING_KEYS if k in training},
             "validation": m.get("validation") or {},
             "model_card": m.get("model_card") or {},
+            # `cxr-fastai adapt`: what was re-estimated and on how many images (not their hashes)
+            "adaptation": {k: v for k, v in m["adaptation"].items() if k != "images_sha256"}
+                          if isinstance(m.get("adaptation"), dict) else None,
             "versions": m.get("versions") or {},
             "features": {"gradcam": model.torch, "tta": model.torch},
             "limits": {"max_mb": max_mb, "max_files": max_files},

@@ -1,0 +1,191 @@
+"""Re-estimate a model's BatchNorm statistics on a hospital's own unlabelled films, into a new artifact.
+
+AdaBN (Li, Wang, Shi, Liu & Hou, "Revisiting batch normalization for practical domain adaptation", 2016;
+test-time BatchNorm adaptation in Schneider et al., NeurIPS 2020): every learned weight is kept and each
+BatchNorm layer's running mean and variance are replaced by those of the new hospital's images, read the
+way `predict` reads them. No label is used, so a hospital can do it with the films it wants read. The
+statistics are gathered as torch's `update_bn` does (cumulative average over batches, train-mode
+BatchNorm, no gradient), on the images in a seeded shuffled order, so that a batch is a mix of the folder
+and not one sub-folder's class.
+
+The new artifact is a whole one: model.safetensors, model.onnx, model.pkl (only when the caller trusts the
+old one's pickle: rewriting it means unpickling it) and a manifest whose hashes are the new files' and
+whose `adaptation` records what was done: how many images, the parent's weights hash, and the images'
+SHA-256s (so `evaluate` can say when it scores images the statistics came from). No path or file name of
+the images is written.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError, DataError
+from .export import MANIFEST, MODEL_ONNX, PICKLE, WEIGHTS, Artifact, export_onnx, read_manifest
+
+MIN_IMAGES = 32      # BatchNorm statistics from fewer images than this are mostly noise
+METHOD = ("AdaBN: every BatchNorm layer's running mean and variance re-estimated on unlabelled images "
+          "(cumulative average over shuffled batches, as torch.optim.swa_utils.update_bn); no weight changed")
+
+
+@dataclass
+class AdaptResult:
+    artifact: Artifact
+    n_images: int                        # images whose statistics the model now has
+    skipped: list[tuple[str, str]]       # (path, error) of unreadable images, left out
+    n_bn_layers: int
+    shift: float                         # mean |new - old running mean| / sqrt(old running var) over the first layer's channels
+    seen_in_training: int | None = None  # of the images, how many are training images of the model (same bytes)
+    labels: dict[str, int] = field(default_factory=dict)   # label counts, where the images came from labelled roots
+
+
+def gather(inputs: Sequence[str | Path], splits: Sequence[str] = (), sources: Sequence[str] = ()) -> tuple[list[Path], dict[str, int]]:
+    """The images to adapt on: with `splits` or `sources`, the items of the labelled roots `inputs` (any layout
+    `train` accepts) in those splits and sources; otherwise image files and folders as `predict` takes them.
+    Returns the paths and, for labelled roots, the label counts (reported, never used)."""
+    from .predict import collect_paths
+
+    if not splits and not sources:
+        return collect_paths(inputs), {}
+    from ..data.discover import discover
+    from ..evaluate.evaluate import select_items
+
+    ds = discover(list(inputs))
+    items = select_items(ds, tuple(splits) or ("all",), tuple(sources))
+    return [Path(p) for p in items.path], {k: int(v) for k, v in items.label.value_counts().sort_index().items()}
+
+
+def bn_layers(model) -> list:
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def adapt_model(model, batches, device="cpu"):
+    """A copy of `model` with every BatchNorm layer's running statistics those of `batches` (an iterable of
+    model-input tensors), by torch's update_bn; the copy is returned in eval mode."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    m = copy.deepcopy(model)
+    if not bn_layers(m):
+        raise ArtifactError("this model has no BatchNorm layer: there are no statistics to adapt")
+    with torch.no_grad():
+        update_bn(batches, m, device=torch.device(device))
+    return m.eval()
+
+
+def _shift(old, new) -> float:
+    a, b = bn_layers(old)[0], bn_layers(new)[0]
+    return float(((b.running_mean - a.running_mean).abs() / (a.running_var + a.eps).sqrt()).mean())
+
+
+def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str | Path, *,
+                   splits: Sequence[str] = (), sources: Sequence[str] = (), bs: int = 256, workers: int = 4,
+                   device: str = "cpu", seed: int = 0, trust_pickle: bool = False, force: bool = False,
+                   min_images: int = MIN_IMAGES, progress: Callable[[int, int], None] | None = None) -> AdaptResult:
+    """Write `to`: the artifact with BatchNorm statistics of the images in `inputs` (see `gather`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..evaluate.evaluate import seen_in_training
+    from ..io.files import atomic_folder, hash_files, recover_folder, sha256_file
+    from ..io.images import decode_many
+    from ..data.augment import to_model_input
+    from .predict import Predictor
+
+    art = read_manifest(artifact)
+    dest = Path(to)
+    if dest.resolve() == art.folder.resolve():
+        raise ArtifactError(f"{dest}: is the artifact being adapted; write the adapted model to another --to folder")
+    recover_folder(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ArtifactError(f"{dest}: exists and is a file; choose another --to folder")
+    if dest.exists() and not force:
+        raise ArtifactError(f"{dest}: already exists; pass --force to replace it or --to another folder")
+    paths, labels = gather(inputs, splits, sources)
+    if len(paths) < min_images:
+        raise DataError(f"{len(paths)} image(s) given; adapting needs at least {min_images} of the new hospital's "
+                        "films (BatchNorm statistics from fewer are mostly noise)")
+    pred = Predictor(art, device)
+    order = np.random.default_rng(seed).permutation(len(paths))
+    names = [str(paths[i]) for i in order]
+    # batches of near-equal size: update_bn's cumulative average weighs every batch alike
+    bs = math.ceil(len(names) / math.ceil(len(names) / bs))
+    skipped: list[tuple[str, str]] = []
+    used: list[str] = []
+
+    def batches():
+        batch: list[np.ndarray] = []
+        for i, arr, err in decode_many(names, workers, fn=pred.shrink):
+            if arr is None:
+                skipped.append((names[i], err))
+            else:
+                batch.append(arr)
+                used.append(names[i])
+            if progress and (i + 1) % bs == 0:
+                progress(i + 1, len(names))
+            if len(batch) == bs:
+                yield to_model_input(batch, art.mean, art.std, pred.device)
+                batch = []
+        if batch:
+            yield to_model_input(batch, art.mean, art.std, pred.device)
+
+    adapted = adapt_model(pred.model, batches(), pred.device)
+    if progress:
+        progress(len(names), len(names))
+    if len(used) < min_images:
+        first = f" (first: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"only {len(used)} of the {len(names)} image(s) could be read{first}; adapting needs at "
+                        f"least {min_images}")
+    state = {k: v.detach().cpu().contiguous() for k, v in adapted.state_dict().items()}
+    old = art.manifest
+    with atomic_folder(dest) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        arch = old["architecture"]
+        onnx = export_onnx(state, art.classes, arch["widths"], art.size, tmp / MODEL_ONNX)
+        if trust_pickle:
+            _rewrite_pickle(art, state, tmp / PICKLE)
+        files = [WEIGHTS, MODEL_ONNX] + ([PICKLE] if trust_pickle else [])
+        images_sha = sorted({h for h, _ in hash_files(used) if h is not None})
+        manifest = {**copy.deepcopy(old),
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
+                    "onnx": onnx,
+                    "adaptation": {
+                        "method": METHOD, "images": len(used), "unreadable": len(skipped), "batch_size": bs,
+                        "seed": seed, "bn_layers": len(bn_layers(adapted)),
+                        "selection": {"splits": list(splits), "sources": list(sources)} if (splits or sources) else "files",
+                        "parent": {"weights_sha256": old["files"][WEIGHTS]["sha256"], "created": old.get("created"),
+                                   "adapted": bool(old.get("adaptation"))},
+                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "images_sha256": images_sha,
+                    }}
+        card = dict(manifest.get("model_card") or {})
+        card["adaptation"] = (f"BatchNorm statistics re-estimated on {len(used)} unlabelled images after training "
+                              "(cxr-fastai adapt). The validation figures in this manifest are the model's before "
+                              "adaptation and do not describe this one: evaluate it on labelled films of the hospital "
+                              "it was adapted to, other than those it was adapted on.")
+        manifest["model_card"] = card
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return AdaptResult(Artifact(dest, manifest), len(used), skipped, len(bn_layers(adapted)),
+                       _shift(pred.model, adapted), seen_in_training(old, used), labels)
+
+
+def _rewrite_pickle(art: Artifact, state: dict, path: Path) -> None:
+    """model.pkl with the adapted statistics: fastai's learner from the old pickle (unpickling: trusted
+    artifacts only), its weights replaced, written by learn.export."""
+    from .export import load_pickle_learner
+
+    learn = load_pickle_learner(art)
+    learn.model.load_state_dict(state, strict=True)
+    learn.path = path.parent
+    learn.export(path.name)
+    if not path.is_file():   # learn.export writes nothing on a non-zero distributed rank
+        raise ArtifactError(f"{path}: fastai wrote no pickle; adapt from a single process")
