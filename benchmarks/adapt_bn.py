@@ -5,8 +5,8 @@ test-time BN adaptation in Schneider et al., NeurIPS 2020) keeps every learned w
 each BatchNorm layer's running mean and variance by those of the target domain's images. No label is
 used: a hospital can do it with the films it wants to read. Here, for each source:
 
-  1. the source's train and valid images (their labels ignored) are run through the model in train-mode
-     BatchNorm with cumulative averaging, every other layer frozen: the source's own BN statistics;
+  1. the source's train and valid images (their labels ignored) give the model their BN statistics, by the
+     library's `adapt_on_files` (what `cxr-fastai adapt` does: shuffled, near-equal batches, update_bn);
   2. the source's test images are scored by the model as trained and by the adapted copy.
 
     python benchmarks/adapt_bn.py ARTIFACT [DATA ...] [--source NAME ...] [--fit train,valid] [--score test]
@@ -18,7 +18,6 @@ test image and no label takes part in the adaptation; nothing is written but --j
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -56,25 +55,6 @@ def probs(model, art, arrays, bs: int = 256) -> np.ndarray:
                                for i in range(0, len(arrays), bs)])
 
 
-def adapt_bn(model, art, arrays, bs: int = 256):
-    """A copy of `model` whose BatchNorm running statistics are those of `arrays` (cumulative average over
-    every batch); no weight changes."""
-    import torch
-
-    from cxr_fastai.data.augment import to_model_input
-
-    m = copy.deepcopy(model).eval()
-    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None   # cumulative moving average: every image counts equally
-        bn.train()
-    with torch.no_grad():
-        for i in range(0, len(arrays), bs):
-            m(to_model_input(arrays[i:i + bs], art.mean, art.std))
-    return m.eval()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
@@ -88,6 +68,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cxr_fastai.artifact.adapt import adapt_on_files
     from cxr_fastai.artifact.export import read_manifest
     from cxr_fastai.artifact.predict import Predictor
     from cxr_fastai.data.discover import discover
@@ -112,7 +93,9 @@ def main(argv=None) -> int:
             print(f"{src}: needs {a.fit} and {score} images; skipped")
             continue
         t0 = time.time()
-        adapted = adapt_bn(model, art, load_arrays(pred, fit.path.astype(str).tolist()))
+        adapted, _, bad, _ = adapt_on_files(pred, fit.path.astype(str).tolist(), workers=2)
+        if bad:
+            raise SystemExit(f"{bad[0][1]}")
         x = load_arrays(pred, test.path.astype(str).tolist())
         y = test.label.map(index).to_numpy()
         row = {"adapted_on": len(fit), "n_scored": len(test)}

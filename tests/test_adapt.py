@@ -185,6 +185,9 @@ def test_cli_adapt_and_its_one_line_errors(tiny_model, new_hospital, tmp_path):
                    "no images in split 'external'")
     one_line_error(cli("adapt", tiny_model.art, tiny_model.data, "--source", "nowhere", "--to", tmp_path / "z"),
                    "no images from source 'nowhere'")
+    for i in range(30):
+        (few / f"broken_{i}.png").write_bytes(b"not an image")
+    one_line_error(cli("adapt", tiny_model.art, few, "--to", tmp_path / "x", "-q"), "only 5 of the 35 image(s) could be read")
     # unreadable files are left out and said, as predict does
     (new_hospital / "week1" / "broken.png").write_bytes(b"not an image")
     res = ok(cli("adapt", tiny_model.art, new_hospital, "--to", tmp_path / "w", "-q"))

@@ -45,7 +45,8 @@ class AdaptResult:
     labels: dict[str, int] = field(default_factory=dict)   # label counts, where the images came from labelled roots
 
 
-def gather(inputs: Sequence[str | Path], splits: Sequence[str] = (), sources: Sequence[str] = ()) -> tuple[list[Path], dict[str, int]]:
+def gather(inputs: Sequence[str | Path], splits: Sequence[str] = (),
+           sources: Sequence[str] = ()) -> tuple[list[Path], dict[str, int]]:
     """The images to adapt on: with `splits` or `sources`, the items of the labelled roots `inputs` (any layout
     `train` accepts) in those splits and sources; otherwise image files and folders as `predict` takes them.
     Returns the paths and, for labelled roots, the label counts (reported, never used)."""
@@ -86,18 +87,51 @@ def _shift(old, new) -> float:
     return float(((b.running_mean - a.running_mean).abs() / (a.running_var + a.eps).sqrt()).mean())
 
 
+def adapt_on_files(pred, paths: Sequence[str | Path], *, bs: int = 256, workers: int = 4, seed: int = 0,
+                   progress: Callable[[int, int], None] | None = None):
+    """A copy of the Predictor's model with BatchNorm statistics of the image files `paths`, read as `pred`
+    reads them, in a seeded shuffled order, in batches of near-equal size (update_bn's cumulative average
+    weighs every batch alike). Returns (model, paths used, (path, error) of the unreadable, batch size)."""
+    from ..data.augment import to_model_input
+    from ..io.images import decode_many
+
+    order = np.random.default_rng(seed).permutation(len(paths))
+    names = [str(paths[i]) for i in order]
+    bs = math.ceil(len(names) / math.ceil(len(names) / bs)) if names else bs
+    skipped: list[tuple[str, str]] = []
+    used: list[str] = []
+
+    def batches():
+        batch: list[np.ndarray] = []
+        for i, arr, err in decode_many(names, workers, fn=pred.shrink):
+            if arr is None:
+                skipped.append((names[i], err))
+            else:
+                batch.append(arr)
+                used.append(names[i])
+            if progress and (i + 1) % bs == 0:
+                progress(i + 1, len(names))
+            if len(batch) == bs:
+                yield to_model_input(batch, pred.art.mean, pred.art.std, pred.device)
+                batch = []
+        if batch:
+            yield to_model_input(batch, pred.art.mean, pred.art.std, pred.device)
+
+    adapted = adapt_model(pred.model, batches(), pred.device)
+    if progress and len(names) % bs:
+        progress(len(names), len(names))
+    return adapted, used, skipped, bs
+
+
 def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str | Path, *,
                    splits: Sequence[str] = (), sources: Sequence[str] = (), bs: int = 256, workers: int = 4,
                    device: str = "cpu", seed: int = 0, trust_pickle: bool = False, force: bool = False,
                    min_images: int = MIN_IMAGES, progress: Callable[[int, int], None] | None = None) -> AdaptResult:
     """Write `to`: the artifact with BatchNorm statistics of the images in `inputs` (see `gather`)."""
-    import torch
     from safetensors.torch import save_file
 
     from ..evaluate.evaluate import seen_in_training
     from ..io.files import atomic_folder, hash_files, recover_folder, sha256_file
-    from ..io.images import decode_many
-    from ..data.augment import to_model_input
     from .predict import Predictor
 
     art = read_manifest(artifact)
@@ -114,35 +148,10 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
         raise DataError(f"{len(paths)} image(s) given; adapting needs at least {min_images} of the new hospital's "
                         "films (BatchNorm statistics from fewer are mostly noise)")
     pred = Predictor(art, device)
-    order = np.random.default_rng(seed).permutation(len(paths))
-    names = [str(paths[i]) for i in order]
-    # batches of near-equal size: update_bn's cumulative average weighs every batch alike
-    bs = math.ceil(len(names) / math.ceil(len(names) / bs))
-    skipped: list[tuple[str, str]] = []
-    used: list[str] = []
-
-    def batches():
-        batch: list[np.ndarray] = []
-        for i, arr, err in decode_many(names, workers, fn=pred.shrink):
-            if arr is None:
-                skipped.append((names[i], err))
-            else:
-                batch.append(arr)
-                used.append(names[i])
-            if progress and (i + 1) % bs == 0:
-                progress(i + 1, len(names))
-            if len(batch) == bs:
-                yield to_model_input(batch, art.mean, art.std, pred.device)
-                batch = []
-        if batch:
-            yield to_model_input(batch, art.mean, art.std, pred.device)
-
-    adapted = adapt_model(pred.model, batches(), pred.device)
-    if progress:
-        progress(len(names), len(names))
+    adapted, used, skipped, bs = adapt_on_files(pred, paths, bs=bs, workers=workers, seed=seed, progress=progress)
     if len(used) < min_images:
         first = f" (first: {skipped[0][1]})" if skipped else ""
-        raise DataError(f"only {len(used)} of the {len(names)} image(s) could be read{first}; adapting needs at "
+        raise DataError(f"only {len(used)} of the {len(paths)} image(s) could be read{first}; adapting needs at "
                         f"least {min_images}")
     state = {k: v.detach().cpu().contiguous() for k, v in adapted.state_dict().items()}
     old = art.manifest
