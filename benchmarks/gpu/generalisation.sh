@@ -4,7 +4,7 @@
 # within the machine's idle release (the first call's /tmp survives while the machine stays warm):
 #   here:   bash benchmarks/gpu/prepare.sh && OUT=/tmp/x bash benchmarks/gpu/generalisation.sh pack-adult
 #   call 1: run(carry=[".device"], command="bash benchmarks/gpu/generalisation.sh setup")
-#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-swa rows-ms rows-adv rows-crop rows-mix rows-dro loso-default loso-swa loso-ms loso-half loso-adv")
+#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-swa rows-ms rows-adv rows-crop rows-mix rows-dro loso-default adapt loso-swa loso-ms loso-half loso-adv")
 # Stages (in the order given; each writes its figures to $OUT as it ends, so a timeout keeps the finished ones):
 #   setup         wheels into /tmp/site, cxr3 into /tmp/cxr3, the machine's versions into $OUT/env.txt
 #   adult         cxr3-adult into /tmp/cxr3-adult
@@ -25,6 +25,9 @@
 #   loso-adv      crossval with --source-adversary 1 at 32 px / 10 epochs
 #   loso-swa      crossval with --weight-average 0.5 at 32 px / 10 epochs
 #   loso-ms       crossval with --mix-style 0.5 at 32 px / 10 epochs
+#   adapt         `cxr-fastai adapt` (BatchNorm statistics from a source's unlabelled train + valid films) on the
+#                 models the stages above left: plain128 to NIH, loso-default's NIH and rsna_adult folds to
+#                 their held-out source; each scored on that source's test split before and after
 # Figures only come back (JSON, Markdown, PNG, histories); no model.
 # CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default
 set -euo pipefail
@@ -32,17 +35,19 @@ OUT=${OUT:?set OUT (the device tool sets it)}
 if [ -z "${DRY:-}" ]; then
     export PYTHONPATH=/tmp/site:$PWD
     PY=python3 dev=(--device cuda) d1=/tmp/cxr3 d2=/tmp/cxr3-adult w=/tmp/gen
+    nih=darkcovidnet_nih rsna=rsna_adult
     s128=128 s32=32 epochs=10 extra=()
 else
     # two tiny synthetic roots named like the real ones (sources site_a/site_b and site_c), so every command runs
     PY=${PY:-.venv/bin/python} dev=(--device cpu) w=$OUT/work d1=$OUT/work/data/cxr3 d2=$OUT/work/data/cxr3-adult
     s128=16 s32=16 epochs=1 extra=(--set widths=8,16,16,32)
+    nih=site_a rsna=site_c
     [ -d "$d1" ] || "$PY" - "$d1" "$d2" <<'PYEOF'
 import sys
 import pandas as pd
 from cxr_fastai.synth import make_synthetic_dataset
 for root, sources in ((sys.argv[1], ("site_a", "site_b")), (sys.argv[2], ("site_c",))):
-    make_synthetic_dataset(root, {"train": 12, "valid": 4, "test": 4}, size=24, seed=len(sources))
+    make_synthetic_dataset(root, {"train": 20, "valid": 4, "test": 4}, size=24, seed=len(sources))
     df = pd.read_csv(f"{root}/labels.csv", dtype=str, keep_default_na=False)
     df["source"] = [sources[i % len(sources)] for i in range(len(df))]
     df.to_csv(f"{root}/labels.csv", index=False)
@@ -69,6 +74,14 @@ series() {  # NAME ROOTS... -- [options]: a crossval series, its summaries and e
     cp "$w/$name"/crossval.* "$OUT/$name/" 2>/dev/null || true
     for f in "$w/$name"/folds/*/result.json; do [ -e "$f" ] && cp "$f" "$OUT/$name/$(basename "$(dirname "$f")").json"; done
     true
+}
+adapted() {  # NAME ART ROOT SOURCE: adapt ART to SOURCE's train + valid films, score its test split before and after
+    local name=$1 art=$2 root=$3 src=$4
+    [ -d "$art" ] || { echo "adapt $name: no $art (run its stage first)" >&2; return 0; }
+    cli adapt "$art" "$root" --source "$src" --split train --split valid --to "$w/adapted-$name" "${dev[@]}" --force -q \
+        > "$OUT/adapt-$name.txt" || { echo "adapt $name failed" >&2; return 0; }
+    cli evaluate "$art" "$root" --split test --source "$src" "${dev[@]}" --out "$OUT/adapt-$name-before.json" >/dev/null
+    cli evaluate "$w/adapted-$name" "$root" --split test --source "$src" "${dev[@]}" --out "$OUT/adapt-$name-after.json" >/dev/null
 }
 for stage in "$@"; do
     echo "== $stage $(date +%T)"
@@ -100,6 +113,9 @@ for stage in "$@"; do
         loso-adv) series loso-adv "$d1" "$d2" --source-adversary 1 ;;
         loso-swa) series loso-swa "$d1" "$d2" --weight-average 0.5 ;;
         loso-ms) series loso-ms "$d1" "$d2" --mix-style 0.5 ;;
+        adapt) adapted plain128-nih "$w/art-plain128" "$d1" "$nih"
+               adapted loso-nih "$w/loso-default/folds/holdout-$nih/model" "$d1" "$nih"
+               adapted loso-rsna "$w/loso-default/folds/holdout-$rsna/model" "$d2" "$rsna" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
