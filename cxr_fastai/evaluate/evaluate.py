@@ -120,7 +120,9 @@ def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None,
     list (exported before training hashes were kept; never adapted). Each file is hashed once."""
     from ..io.files import hash_files
 
-    lists = [manifest.get("training_images_sha256"), (manifest.get("adaptation") or {}).get("images_sha256")]
+    adaptation = manifest.get("adaptation")
+    lists = [manifest.get("training_images_sha256"),
+             adaptation.get("images_sha256") if isinstance(adaptation, dict) else None]
     lists = [set(x) if isinstance(x, list) else None for x in lists]
     if all(x is None for x in lists):
         return None, None
