@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, DataError
-from .export import MANIFEST, MODEL_ONNX, PICKLE, WEIGHTS, Artifact, export_onnx, read_manifest
+from .export import MANIFEST, MODEL_ONNX, PICKLE, WEIGHTS, Artifact, export_onnx, read_manifest, seen_in_training
 
 MIN_IMAGES = 32      # BatchNorm statistics from fewer images than this are mostly noise
 METHOD = ("AdaBN: every BatchNorm layer's running mean and variance re-estimated on unlabelled images "
@@ -55,7 +55,7 @@ def gather(inputs: Sequence[str | Path], splits: Sequence[str] = (),
     if not splits and not sources:
         return collect_paths(inputs), {}
     from ..data.discover import discover
-    from ..evaluate.evaluate import select_items
+    from ..data.discover import select_items
 
     ds = discover(list(inputs))
     items = select_items(ds, tuple(splits) or ("all",), tuple(sources))
@@ -130,7 +130,6 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
     """Write `to`: the artifact with BatchNorm statistics of the images in `inputs` (see `gather`)."""
     from safetensors.torch import save_file
 
-    from ..evaluate.evaluate import seen_in_training
     from ..io.files import atomic_folder, hash_files, recover_folder, sha256_file
     from .predict import Predictor
 

@@ -356,3 +356,25 @@ def load_pickle_learner(art: Artifact):
         return load_learner(path, cpu=True)
     except Exception as e:
         raise ArtifactError(f"{path}: fastai could not load the pickle ({type(e).__name__}: {e})") from e
+
+
+def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
+    """How many of `paths` have the content (SHA-256) of a training image listed in the manifest; None for
+    artifacts exported before the list existed."""
+    return seen_counts(manifest, paths)[0]
+
+
+def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None]:
+    """How many of `paths` have the content (SHA-256) of a training image, and of an image that gave an adapted
+    model's BatchNorm statistics (`cxr-fastai adapt`), as the manifest lists them; None where it has no such
+    list (exported before training hashes were kept; never adapted). Each file is hashed once."""
+    from ..io.files import hash_files
+
+    adaptation = manifest.get("adaptation")
+    lists = [manifest.get("training_images_sha256"),
+             adaptation.get("images_sha256") if isinstance(adaptation, dict) else None]
+    lists = [set(x) if isinstance(x, list) else None for x in lists]
+    if all(x is None for x in lists):
+        return None, None
+    hashes = [h for h, _ in hash_files(paths)]
+    return tuple(None if known is None else sum(h in known for h in hashes) for known in lists)

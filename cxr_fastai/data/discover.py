@@ -419,3 +419,24 @@ def check_items_exist(items: pd.DataFrame, info) -> None:
     if missing:
         raise DataError(f"{info.path}: {len(missing)} of the run's {len(items)} images are gone "
                         f"(first: {missing[0]}); put the data back at {' + '.join(info.cfg.data)}")
+
+
+def select_items(ds: Dataset, splits: Sequence[str], sources: Sequence[str] = ()):
+    """The items of `ds` in any of `splits` ("all": every split, unless the layout has a split of its own
+    named so) and, if given, of `sources`; a split or source with no images is an error naming what exists.
+    A layout without splits of its own (class folders) counts all its images whatever `splits` says."""
+    items = ds.items
+    if ds.split_given:
+        for split in splits:
+            if not len(items[items.split == split]) and not (split == "all" and len(items)):
+                have = ", ".join(sorted(ds.items.split.unique()))
+                raise DataError(f"{ds.where}: no images in split {split!r} (splits present: {have}); pick one with --split")
+        if "all" not in splits or "all" in set(items.split):   # a split of the user's own named "all" wins
+            items = items[items.split.isin(list(splits))]
+    if sources:
+        missing = sorted(set(sources) - set(items.source))
+        if missing:
+            raise DataError(f"{ds.where}: no images from source {missing[0]!r} in this split "
+                            f"(sources: {', '.join(sorted(set(items.source) - {''})) or 'none'})")
+        items = items[items.source.isin(list(sources))]
+    return items.reset_index(drop=True)

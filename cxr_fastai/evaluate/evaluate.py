@@ -8,8 +8,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import EvalConfig, PredictConfig, write_json
-from ..data.discover import discover
+from ..data.discover import discover, select_items
 from ..errors import DataError
+from ..artifact.export import seen_counts, seen_in_training  # noqa: F401  (crossval imports seen_in_training from here)
 from ..artifact.predict import iter_probs, load_predictor
 from ..metrics import Metrics, compute_metrics, source_gaps, source_warnings
 
@@ -85,49 +86,6 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
              "adapt`; their labels were not used); figures on them need not carry to films it was not adapted on: "
              "to measure, adapt on one split and evaluate another")
     return EvalResult(m, used_split, ds.where, str(Path(artifact)), skipped, seen, adapted)
-
-
-def select_items(ds, splits: Sequence[str], sources: Sequence[str] = ()):
-    """The items of `ds` in any of `splits` ("all": every split, unless the layout has a split of its own
-    named so) and, if given, of `sources`; a split or source with no images is an error naming what exists.
-    A layout without splits of its own (class folders) counts all its images whatever `splits` says."""
-    items = ds.items
-    if ds.split_given:
-        for split in splits:
-            if not len(items[items.split == split]) and not (split == "all" and len(items)):
-                have = ", ".join(sorted(ds.items.split.unique()))
-                raise DataError(f"{ds.where}: no images in split {split!r} (splits present: {have}); pick one with --split")
-        if "all" not in splits or "all" in set(items.split):   # a split of the user's own named "all" wins
-            items = items[items.split.isin(list(splits))]
-    if sources:
-        missing = sorted(set(sources) - set(items.source))
-        if missing:
-            raise DataError(f"{ds.where}: no images from source {missing[0]!r} in this split "
-                            f"(sources: {', '.join(sorted(set(items.source) - {''})) or 'none'})")
-        items = items[items.source.isin(list(sources))]
-    return items.reset_index(drop=True)
-
-
-def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
-    """How many of `paths` have the content (SHA-256) of a training image listed in the manifest; None for
-    artifacts exported before the list existed."""
-    return seen_counts(manifest, paths)[0]
-
-
-def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None]:
-    """How many of `paths` have the content (SHA-256) of a training image, and of an image that gave an adapted
-    model's BatchNorm statistics (`cxr-fastai adapt`), as the manifest lists them; None where it has no such
-    list (exported before training hashes were kept; never adapted). Each file is hashed once."""
-    from ..io.files import hash_files
-
-    adaptation = manifest.get("adaptation")
-    lists = [manifest.get("training_images_sha256"),
-             adaptation.get("images_sha256") if isinstance(adaptation, dict) else None]
-    lists = [set(x) if isinstance(x, list) else None for x in lists]
-    if all(x is None for x in lists):
-        return None, None
-    hashes = [h for h, _ in hash_files(paths)]
-    return tuple(None if known is None else sum(h in known for h in hashes) for known in lists)
 
 
 def write_metrics(res: EvalResult, out: str | Path) -> None:
