@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         adapted, _, bad, _ = adapt_on_files(pred, fit.path.astype(str).tolist(), workers=2)
         if bad:
-            raise SystemExit(f"{bad[0][1]}")
+            raise SystemExit(bad[0][1])
         x = load_arrays(pred, test.path.astype(str).tolist())
         y = test.label.map(index).to_numpy()
         row = {"adapted_on": len(fit), "n_scored": len(test)}

@@ -422,7 +422,6 @@ def adapt(
         _echo(f"adapt: {done}/{total} images")
 
     with _errors():
-        _out_folder(to, "--to")
         if trust_pickle:
             _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
                   "use it only for artifacts you made or trust")

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, DataError
-from .export import MANIFEST, MODEL_ONNX, PICKLE, WEIGHTS, Artifact, export_onnx, read_manifest, seen_in_training
+from .export import (MANIFEST, MODEL_ONNX, PICKLE, WEIGHTS, Artifact, check_destination, export_onnx,
+                     read_manifest, seen_counts_of)
 
 MIN_IMAGES = 32      # BatchNorm statistics from fewer images than this are mostly noise
 METHOD = ("AdaBN: every BatchNorm layer's running mean and variance re-estimated on unlabelled images "
@@ -54,8 +55,7 @@ def gather(inputs: Sequence[str | Path], splits: Sequence[str] = (),
 
     if not splits and not sources:
         return collect_paths(inputs), {}
-    from ..data.discover import discover
-    from ..data.discover import select_items
+    from ..data.discover import discover, select_items
 
     ds = discover(list(inputs))
     items = select_items(ds, tuple(splits) or ("all",), tuple(sources))
@@ -130,18 +130,14 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
     """Write `to`: the artifact with BatchNorm statistics of the images in `inputs` (see `gather`)."""
     from safetensors.torch import save_file
 
-    from ..io.files import atomic_folder, hash_files, recover_folder, sha256_file
+    from ..io.files import atomic_folder, hash_files, sha256_file
     from .predict import Predictor
 
     art = read_manifest(artifact)
     dest = Path(to)
     if dest.resolve() == art.folder.resolve():
         raise ArtifactError(f"{dest}: is the artifact being adapted; write the adapted model to another --to folder")
-    recover_folder(dest)
-    if dest.exists() and not dest.is_dir():
-        raise ArtifactError(f"{dest}: exists and is a file; choose another --to folder")
-    if dest.exists() and not force:
-        raise ArtifactError(f"{dest}: already exists; pass --force to replace it or --to another folder")
+    check_destination(dest, force)
     paths, labels = gather(inputs, splits, sources)
     if len(paths) < min_images:
         raise DataError(f"{len(paths)} image(s) given; adapting needs at least {min_images} of the new hospital's "
@@ -154,6 +150,8 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
                         f"least {min_images}")
     state = {k: v.detach().cpu().contiguous() for k, v in adapted.state_dict().items()}
     old = art.manifest
+    hashes = [h for h, _ in hash_files(used)]
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with atomic_folder(dest) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         arch = old["architecture"]
@@ -161,9 +159,8 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
         if trust_pickle:
             _rewrite_pickle(art, state, tmp / PICKLE)
         files = [WEIGHTS, MODEL_ONNX] + ([PICKLE] if trust_pickle else [])
-        images_sha = sorted({h for h, _ in hash_files(used) if h is not None})
         manifest = {**copy.deepcopy(old),
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "created": now,
                     "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
                     "onnx": onnx,
                     "adaptation": {
@@ -172,8 +169,8 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
                         "selection": {"splits": list(splits), "sources": list(sources)} if (splits or sources) else "files",
                         "parent": {"weights_sha256": old["files"][WEIGHTS]["sha256"], "created": old.get("created"),
                                    "adapted": bool(old.get("adaptation"))},
-                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "images_sha256": images_sha,
+                        "created": now,
+                        "images_sha256": sorted({h for h in hashes if h is not None}),
                     }}
         card = dict(manifest.get("model_card") or {})
         card["adaptation"] = (f"BatchNorm statistics re-estimated on {len(used)} unlabelled images after training "
@@ -183,7 +180,7 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
         manifest["model_card"] = card
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return AdaptResult(Artifact(dest, manifest), len(used), skipped, len(bn_layers(adapted)),
-                       _shift(pred.model, adapted), seen_in_training(old, used), labels)
+                       _shift(pred.model, adapted), seen_counts_of(old, hashes)[0], labels)
 
 
 def _rewrite_pickle(art: Artifact, state: dict, path: Path) -> None:

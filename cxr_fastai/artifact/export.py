@@ -91,11 +91,7 @@ def export_run(run: str | Path, to: str | Path | None = None, force: bool = Fals
         raise RunError(f"{info.path}: training has not finished (no learner.pkl); "
                        f"finish it with `cxr-fastai train --resume --run {info.path}`")
     dest = Path(to) if to is not None else DEFAULT_EXPORT_DIR / info.path.resolve().name
-    recover_folder(dest)
-    if dest.exists() and not force:
-        raise ArtifactError(f"{dest}: already exists; pass --force to replace it or --to another folder")
-    if dest.exists() and not dest.is_dir():
-        raise ArtifactError(f"{dest}: exists and is a file; choose another --to folder")
+    check_destination(dest, force)
     try:
         state = torch.load(info.best_path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -107,6 +103,16 @@ def export_run(run: str | Path, to: str | Path | None = None, force: bool = Fals
         manifest = build_manifest(info, tmp, onnx=onnx)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return Artifact(dest, manifest)
+
+
+def check_destination(dest: Path, force: bool) -> None:
+    """An artifact folder about to be written: put back what a killed swap left aside, then refuse an existing
+    folder without `force` and a file always."""
+    recover_folder(dest)
+    if dest.exists() and not force:
+        raise ArtifactError(f"{dest}: already exists; pass --force to replace it or --to another folder")
+    if dest.exists() and not dest.is_dir():
+        raise ArtifactError(f"{dest}: exists and is a file; choose another --to folder")
 
 
 def export_onnx(state: dict, classes: list[str], widths, size: int, path: Path) -> dict[str, Any]:
@@ -364,17 +370,26 @@ def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
     return seen_counts(manifest, paths)[0]
 
 
-def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None]:
-    """How many of `paths` have the content (SHA-256) of a training image, and of an image that gave an adapted
-    model's BatchNorm statistics (`cxr-fastai adapt`), as the manifest lists them; None where it has no such
-    list (exported before training hashes were kept; never adapted). Each file is hashed once."""
-    from ..io.files import hash_files
-
+def _known_hashes(manifest: dict[str, Any]) -> list[set[str] | None]:
+    """The manifest's SHA-256 lists: training images, and the images an adapted model's BatchNorm statistics
+    came from (`cxr-fastai adapt`); None for a list it does not have."""
     adaptation = manifest.get("adaptation")
     lists = [manifest.get("training_images_sha256"),
              adaptation.get("images_sha256") if isinstance(adaptation, dict) else None]
-    lists = [set(x) if isinstance(x, list) else None for x in lists]
-    if all(x is None for x in lists):
+    return [set(x) if isinstance(x, list) else None for x in lists]
+
+
+def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None]:
+    """How many of `paths` have the content (SHA-256) of a training image, and of an image that gave an adapted
+    model's BatchNorm statistics, as the manifest lists them; None where it has no such list (exported before
+    training hashes were kept; never adapted). Each file is hashed once, and not at all without a list."""
+    from ..io.files import hash_files
+
+    if all(known is None for known in _known_hashes(manifest)):
         return None, None
-    hashes = [h for h, _ in hash_files(paths)]
-    return tuple(None if known is None else sum(h in known for h in hashes) for known in lists)
+    return seen_counts_of(manifest, [h for h, _ in hash_files(paths)])
+
+
+def seen_counts_of(manifest: dict[str, Any], hashes: list[str | None]) -> tuple[int | None, int | None]:
+    """`seen_counts` for SHA-256s already computed (None for a file that could not be read)."""
+    return tuple(None if known is None else sum(h in known for h in hashes) for known in _known_hashes(manifest))
