@@ -38,9 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-BALANCES = ("class-source", "class-then-source")
-ALPHAS = (0.25, 0.5, 0.75, 1.0)
-CS = (0.001, 0.003, 0.01, 0.03)
+from cxr_fastai.artifact.refit import BALANCES, fit_grid, valid_row  # noqa: E402,F401  (valid_row: ensemble.py)
 
 
 def default_roots() -> list[Path]:
@@ -49,30 +47,15 @@ def default_roots() -> list[Path]:
 
 
 def features(pred, paths: list[str], bs: int = 256, workers: int = 2) -> np.ndarray:
-    """The head's input for every path, each image preprocessed by the torch Predictor's own steps (no TTA)."""
-    import torch
+    """The head's input for every path (the library's `refit.features`), with progress; an unreadable image stops it."""
+    from cxr_fastai.artifact.refit import features as refit_features
 
-    from cxr_fastai.io.images import decode_many
-
-    out = np.zeros((len(paths), pred.model.head.in_features), np.float32)
-    t0, batch, idx = time.time(), [], []
-
-    def flush():
-        with torch.inference_mode():
-            out[idx] = pred.model.embed(pred.preprocess(batch)).cpu().numpy()
-        batch.clear(), idx.clear()
-
-    for i, arr, err in decode_many(paths, workers=workers, fn=pred.shrink):
-        if arr is None:
-            raise SystemExit(f"{paths[i]}: {err}")
-        batch.append(arr), idx.append(i)
-        if len(batch) == bs:
-            flush()
-        if (i + 1) % 2560 == 0:
-            print(f"  features {i + 1}/{len(paths)} ({(i + 1) / (time.time() - t0):.0f} img/s)", file=sys.stderr, flush=True)
-    if batch:
-        flush()
-    return out
+    t0 = time.time()
+    F, bad = refit_features(pred, paths, bs=bs, workers=workers, progress=lambda d, n: print(
+        f"  features {d}/{n} ({d / (time.time() - t0):.0f} img/s)", file=sys.stderr, flush=True))
+    if bad:
+        raise SystemExit(f"{paths[bad[0][0]]}: {bad[0][1]}")
+    return F
 
 
 def oracle_threshold(p_pos: np.ndarray, is_pos: np.ndarray) -> tuple[float, float]:
@@ -90,17 +73,6 @@ def summary(m) -> dict:
     return {"n": d["n"], "accuracy": d["accuracy"], "accuracy_ci95": d["ci95"]["accuracy"],
             "balanced_accuracy": d["balanced_accuracy"], "balanced_accuracy_ci95": d["ci95"]["balanced_accuracy"],
             "per_source": d["per_source"]}
-
-
-def valid_row(y, p, classes, src, mask) -> dict:
-    """The choice's figures on the `mask` rows: the worst source's balanced accuracy first, then the pooled ones."""
-    from cxr_fastai.metrics import compute_metrics
-
-    m = compute_metrics(y[mask], p[mask], classes, sources=src[mask].tolist(), n_boot=0)
-    per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
-    ws = next(iter(per))   # worst first
-    return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
-            "pooled_balanced_accuracy": m.balanced_accuracy, "balanced_accuracy_by_source": per}
 
 
 def test_by_root(name, y, p, classes, src, paths, mask, roots) -> dict:
@@ -139,13 +111,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     from cxr_fastai.artifact.export import read_manifest
     from cxr_fastai.artifact.predict import Predictor
     from cxr_fastai.data.discover import discover
-    from cxr_fastai.data.loaders import sampling_weights
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -180,25 +149,15 @@ def main(argv=None) -> int:
     base = valid_row(y, p0, art.classes, src, va)
     print(f"trained head: valid worst source {base['worst_source']} {base['worst_balanced_accuracy']:.3f}, "
           f"pooled valid accuracy {base['pooled_accuracy']:.3f}")
-    scaler = StandardScaler().fit(F[tr])
-    Z = scaler.transform(F)
-    rows, best = [], None
-    for balance in () if a.no_grid else BALANCES:
-        w_full = sampling_weights(items[tr], balance)
-        for alpha in ALPHAS:
-            w = w_full ** alpha
-            w *= len(w) / w.sum()
-            for C in CS:
-                lr = LogisticRegression(C=C, max_iter=3000).fit(Z[tr], y[tr], sample_weight=w)
-                p = lr.predict_proba(Z)
-                row = {"balance": balance, "alpha": alpha, "C": C, **valid_row(y, p, art.classes, src, va)}
-                row["allowed"] = row["pooled_accuracy"] >= base["pooled_accuracy"] - a.max_drop
-                rows.append(row)
-                print(f"  {balance:17s} alpha {alpha:<4} C {C:<6} valid worst {row['worst_source']} "
-                      f"{row['worst_balanced_accuracy']:.3f}  pooled {row['pooled_accuracy']:.3f}"
-                      f"{'' if row['allowed'] else '  (drops more than --max-drop)'}", flush=True)
-                if row["allowed"] and (best is None or row["worst_balanced_accuracy"] > best[0]["worst_balanced_accuracy"]):
-                    best = (row, p)
+    def show(row):
+        print(f"  {row['balance']:17s} alpha {row['alpha']:<4} C {row['C']:<6} valid worst {row['worst_source']} "
+              f"{row['worst_balanced_accuracy']:.3f}  pooled {row['pooled_accuracy']:.3f}"
+              f"{'' if row['allowed'] else '  (drops more than --max-drop)'}", flush=True)
+
+    rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=() if a.no_grid else BALANCES,
+                          max_drop=a.max_drop, progress=show)
+    if best is not None:
+        best = (best[0], best[1].predict_proba(best[2].transform(F)))
     result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "valid_trained_head": base, "grid": rows}
     heads = [("trained head", p0)]
     if best is None and rows:

@@ -448,6 +448,62 @@ def adapt(
                    "safetensors and ONNX files")
 
 
+RefitBalance = Enum("RefitBalance", {v: v for v in ("class-source", "class-then-source")}, type=str)
+
+
+@app.command()
+def refit(
+    artifact: Path = typer.Argument(..., help="An exported model folder."),
+    data: List[Path] = typer.Argument(..., help="Labelled dataset root(s) (any layout train accepts): the head is fitted on their train split and chosen on their valid split; test is never read."),
+    to: Path = typer.Option(..., "--to", help="Folder for the refitted artifact (never the one refitted)."),
+    balance: List[RefitBalance] = typer.Option([], "--balance", help="Weightings to try (repeatable; default both): every class x source stratum alike (class-source), or every class and within it every source alike (class-then-source), each raised to alpha 0.25-1."),
+    max_drop: float = typer.Option(0.01, "--max-drop", min=0.0, max=1.0, help="Pooled validation accuracy a head may lose against the trained head's and still be chosen."),
+    holdout: List[str] = typer.Option([], "--holdout", help="A source kept out of the fit and the choice (repeatable): a crossval fold's held-out source."),
+    bs: int = typer.Option(256, "--bs", min=1, max=8192, help="Images per forward pass."),
+    workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also write model.pkl with the new head (loads the old model.pkl: a pickle can run code; only for artifacts you trust). Without it the new artifact has no model.pkl."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --to folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+):
+    """Refit only the last layer on class-and-source-balanced data, chosen on the worst validation source (deep feature reweighting), into a new artifact."""
+    from .artifact.refit import refit_artifact
+
+    def progress(done: int, total: int) -> None:
+        _echo(f"refit: features of {done}/{total} images")
+
+    def on_row(r: dict) -> None:
+        _echo(f"refit: {r['balance']} alpha {r['alpha']} C {r['C']}: valid worst source {r['worst_source']} "
+              f"{r['worst_balanced_accuracy']:.3f}, pooled {r['pooled_accuracy']:.3f}"
+              + ("" if r["allowed"] else " (drops more than --max-drop)"))
+
+    with _errors():
+        if trust_pickle:
+            _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
+                  "use it only for artifacts you made or trust")
+        res = refit_artifact(artifact, data, to, balances=[b.value for b in balance] or None, max_drop=max_drop,
+                             holdout=holdout, bs=bs, workers=workers, device=device.value,
+                             trust_pickle=trust_pickle, force=force, progress=None if quiet else progress,
+                             on_row=None if quiet else on_row)
+    if res.skipped:
+        _warn(f"{len(res.skipped)} unreadable image(s) left out (first: {res.skipped[0][1]})")
+    t = res.trained
+    typer.echo(f"trained head: valid worst source {t['worst_source']} {t['worst_balanced_accuracy']:.3f}, pooled "
+               f"accuracy {t['pooled_accuracy']:.3f} ({res.n_train} train, {res.n_valid} valid images"
+               + (f"; held out: {', '.join(res.held_out)}" if res.held_out else "") + ")")
+    if res.artifact is None:
+        _warn(f"no refitted head keeps pooled validation accuracy within --max-drop {max_drop:g} of the trained "
+              "head's; nothing written")
+        raise typer.Exit(1)
+    c = res.chosen
+    typer.echo(f"chosen on validation: {c['balance']} alpha {c['alpha']} C {c['C']}: worst source {c['worst_source']} "
+               f"{c['worst_balanced_accuracy']:.3f}, pooled accuracy {c['pooled_accuracy']:.3f}; written to "
+               f"{res.artifact.folder}: " + ", ".join(sorted(res.artifact.files)))
+    if c["worst_balanced_accuracy"] <= t["worst_balanced_accuracy"]:
+        _warn("the chosen head's worst validation source is no better than the trained head's: keep the trained model")
+    typer.echo("  score it on a test split before use: cxr-fastai evaluate " + str(res.artifact.folder) + " DATA --split test")
+
+
 @app.command("audit")
 def audit_cmd(
     data: List[Path] = typer.Argument(..., help="Dataset root(s) (any layout train accepts)."),

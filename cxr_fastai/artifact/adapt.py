@@ -17,8 +17,6 @@ the images is written.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, DataError
-from .export import (MANIFEST, MODEL_ONNX, PICKLE, WEIGHTS, Artifact, check_destination, export_onnx,
-                     read_manifest, seen_counts_of)
+from .export import (Artifact, check_destination, parent_record, read_manifest, seen_counts_of,
+                     write_derived_artifact)
 
 MIN_IMAGES = 32      # BatchNorm statistics from fewer images than this are mostly noise
 METHOD = ("AdaBN: every BatchNorm layer's running mean and variance re-estimated on unlabelled images "
@@ -128,9 +126,7 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
                    device: str = "cpu", seed: int = 0, trust_pickle: bool = False, force: bool = False,
                    min_images: int = MIN_IMAGES, progress: Callable[[int, int], None] | None = None) -> AdaptResult:
     """Write `to`: the artifact with BatchNorm statistics of the images in `inputs` (see `gather`)."""
-    from safetensors.torch import save_file
-
-    from ..io.files import atomic_folder, hash_files, sha256_file
+    from ..io.files import hash_files
     from .predict import Predictor
 
     art = read_manifest(artifact)
@@ -149,48 +145,17 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
         raise DataError(f"only {len(used)} of the {len(paths)} image(s) could be read{first}; adapting needs at "
                         f"least {min_images}")
     state = {k: v.detach().cpu().contiguous() for k, v in adapted.state_dict().items()}
-    old = art.manifest
     hashes = [h for h, _ in hash_files(used)]
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    with atomic_folder(dest) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        arch = old["architecture"]
-        onnx = export_onnx(state, art.classes, arch["widths"], art.size, tmp / MODEL_ONNX)
-        if trust_pickle:
-            _rewrite_pickle(art, state, tmp / PICKLE)
-        files = [WEIGHTS, MODEL_ONNX] + ([PICKLE] if trust_pickle else [])
-        manifest = {**copy.deepcopy(old),
-                    "created": now,
-                    "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
-                    "onnx": onnx,
-                    "adaptation": {
-                        "method": METHOD, "images": len(used), "unreadable": len(skipped), "batch_size": bs,
-                        "seed": seed, "bn_layers": len(bn_layers(adapted)),
-                        "selection": {"splits": list(splits), "sources": list(sources)} if (splits or sources) else "files",
-                        "parent": {"weights_sha256": old["files"][WEIGHTS]["sha256"], "created": old.get("created"),
-                                   "adapted": bool(old.get("adaptation"))},
-                        "created": now,
-                        "images_sha256": sorted({h for h in hashes if h is not None}),
-                    }}
-        card = dict(manifest.get("model_card") or {})
-        card["adaptation"] = (f"BatchNorm statistics re-estimated on {len(used)} unlabelled images after training "
-                              "(cxr-fastai adapt). The validation figures in this manifest are the model's before "
-                              "adaptation and do not describe this one: evaluate it on labelled films of the hospital "
-                              "it was adapted to, other than those it was adapted on.")
-        manifest["model_card"] = card
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    record = {"method": METHOD, "images": len(used), "unreadable": len(skipped), "batch_size": bs,
+              "seed": seed, "bn_layers": len(bn_layers(adapted)),
+              "selection": {"splits": list(splits), "sources": list(sources)} if (splits or sources) else "files",
+              "parent": parent_record(art),
+              "images_sha256": sorted({h for h in hashes if h is not None})}
+    card = (f"BatchNorm statistics re-estimated on {len(used)} unlabelled images after training "
+            "(cxr-fastai adapt). The validation figures in this manifest are the model's before "
+            "adaptation and do not describe this one: evaluate it on labelled films of the hospital "
+            "it was adapted to, other than those it was adapted on.")
+    manifest = write_derived_artifact(art, state, dest, "adaptation", record, card, trust_pickle)
     return AdaptResult(Artifact(dest, manifest), len(used), skipped, len(bn_layers(adapted)),
-                       _shift(pred.model, adapted), seen_counts_of(old, hashes)[0], labels)
+                       _shift(pred.model, adapted), seen_counts_of(art.manifest, hashes)[0], labels)
 
-
-def _rewrite_pickle(art: Artifact, state: dict, path: Path) -> None:
-    """model.pkl with the adapted statistics: fastai's learner from the old pickle (unpickling: trusted
-    artifacts only), its weights replaced, written by learn.export."""
-    from .export import load_pickle_learner
-
-    learn = load_pickle_learner(art)
-    learn.model.load_state_dict(state, strict=True)
-    learn.path = path.parent
-    learn.export(path.name)
-    if not path.is_file():   # learn.export writes nothing on a non-zero distributed rank
-        raise ArtifactError(f"{path}: fastai wrote no pickle; adapt from a single process")

@@ -355,13 +355,57 @@ def load_pickle_learner(art: Artifact):
     from ..data import types  # noqa: F401  (the pickle refers to it; load_learner hides import errors)
 
     if not art.has_pickle:
-        raise ArtifactError(f"{art.folder}: has no {PICKLE} (adapted without --trust-pickle); use the safetensors "
-                            "weights (drop --trust-pickle) or adapt again with --trust-pickle")
+        raise ArtifactError(f"{art.folder}: has no {PICKLE} (written by adapt or refit without --trust-pickle); use the "
+                            "safetensors weights (drop --trust-pickle) or write it again with --trust-pickle")
     path = verify_file(art, PICKLE)
     try:
         return load_learner(path, cpu=True)
     except Exception as e:
         raise ArtifactError(f"{path}: fastai could not load the pickle ({type(e).__name__}: {e})") from e
+
+
+def parent_record(art: Artifact) -> dict[str, Any]:
+    """What a derived artifact (`adapt`, `refit`) records of the one it was made from."""
+    old = art.manifest
+    return {"weights_sha256": old["files"][WEIGHTS]["sha256"], "created": old.get("created"),
+            "adapted": bool(old.get("adaptation")), "refit": bool(old.get("refit"))}
+
+
+def write_derived_artifact(art: Artifact, state: dict, dest: Path, key: str, record: dict[str, Any],
+                           card_note: str, trust_pickle: bool) -> dict[str, Any]:
+    """Write `dest` atomically: `art` with new weights `state` (model.safetensors, model.onnx, and model.pkl
+    only when the caller trusts the old pickle: rewriting it means unpickling it), its manifest copied with
+    the new files' hashes, `record` under `key` and `card_note` in the model card under `key`. Returns the
+    new manifest."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    old = art.manifest
+    with atomic_folder(dest) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        onnx = export_onnx(state, art.classes, old["architecture"]["widths"], art.size, tmp / MODEL_ONNX)
+        if trust_pickle:
+            _rewrite_pickle(art, state, tmp / PICKLE)
+        files = [WEIGHTS, MODEL_ONNX] + ([PICKLE] if trust_pickle else [])
+        manifest = {**copy.deepcopy(old), "created": now,
+                    "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
+                    "onnx": onnx, key: {**record, "created": now}}
+        manifest["model_card"] = {**(manifest.get("model_card") or {}), key: card_note}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return manifest
+
+
+def _rewrite_pickle(art: Artifact, state: dict, path: Path) -> None:
+    """model.pkl with new weights: fastai's learner from the old pickle (unpickling: trusted artifacts only),
+    its weights replaced, written by learn.export."""
+    learn = load_pickle_learner(art)
+    learn.model.load_state_dict(state, strict=True)
+    learn.path = path.parent
+    learn.export(path.name)
+    if not path.is_file():   # learn.export writes nothing on a non-zero distributed rank
+        raise ArtifactError(f"{path}: fastai wrote no pickle; write it from a single process")
 
 
 def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:

@@ -1,0 +1,219 @@
+"""Refit only a model's last layer on balanced data, chosen on the worst validation source, into a new artifact.
+
+Deep feature reweighting (Kirichenko, Izmailov & Wilson, "Last layer re-training is sufficient for
+robustness to spurious correlations", ICLR 2023): a network trained on shortcut-laden data often already
+holds the features a robust classifier needs, and fitting its last linear layer again on data where the
+shortcut no longer pays (every class-and-source stratum weighted alike) recovers much of the worst group's
+accuracy. It costs one forward pass over the data instead of a training.
+
+Here: the pooled features the head reads, for every train and valid image of the labelled roots, each image
+read as `predict` reads it; a multinomial logistic regression on the standardised train features for every
+weighting in a small grid (the training loader's own `--balance` weights raised to alpha, and L2 strength
+C); the choice on validation only: the best worst-source balanced accuracy among the heads whose pooled
+validation accuracy is within `max_drop` of the trained head's. Test images are never read. The chosen
+regression, with its standardisation folded in, becomes the model's `head` (a Linear layer): every other
+weight and statistic is kept, so the new artifact is an ordinary one (safetensors, ONNX, manifest with a
+`refit` record of what was done and the validation figures it was chosen on).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError, DataError
+from .export import Artifact, check_destination, parent_record, read_manifest, write_derived_artifact
+
+BALANCES = ("class-source", "class-then-source")
+ALPHAS = (0.25, 0.5, 0.75, 1.0)
+CS = (0.001, 0.003, 0.01, 0.03)
+METHOD = ("deep feature reweighting: the last linear layer refitted (multinomial logistic regression on "
+          "standardised features, weighted by class-and-source strata) on the model's own features; every other "
+          "weight and statistic kept")
+
+
+@dataclass
+class RefitResult:
+    artifact: Artifact | None            # None when no head was allowed (nothing written)
+    trained: dict                        # the trained head's validation figures (valid_row)
+    chosen: dict | None                  # the chosen head's grid row, None when no head was allowed
+    grid: list[dict] = field(default_factory=list)
+    n_train: int = 0
+    n_valid: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)
+
+
+def features(pred, paths: Sequence[str], bs: int = 256, workers: int = 4,
+             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """The head's input for every path, each image read by the Predictor's own steps (no TTA). Returns the
+    (N, features) array (zeros for an unreadable image) and (index, error) of the unreadable ones."""
+    import torch
+
+    from ..io.images import decode_many
+
+    out = np.zeros((len(paths), pred.model.head.in_features), np.float32)
+    batch, idx, bad = [], [], []
+
+    def flush():
+        with torch.inference_mode():
+            out[idx] = pred.model.embed(pred.preprocess(batch)).cpu().numpy()
+        batch.clear(), idx.clear()
+
+    for i, arr, err in decode_many(list(paths), workers=workers, fn=pred.shrink):
+        if arr is None:
+            bad.append((i, err))
+        else:
+            batch.append(arr), idx.append(i)
+        if len(batch) == bs:
+            flush()
+        if progress and (i + 1) % (10 * bs) == 0:
+            progress(i + 1, len(paths))
+    if batch:
+        flush()
+    if progress:
+        progress(len(paths), len(paths))
+    return out, bad
+
+
+def valid_row(y, p, classes, src, mask) -> dict:
+    """The choice's figures on the `mask` rows: the worst source's balanced accuracy first, then the pooled ones."""
+    from ..metrics import compute_metrics
+
+    m = compute_metrics(y[mask], p[mask], classes, sources=list(src[mask]), n_boot=0)
+    per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
+    ws = next(iter(per))   # worst first
+    return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
+            "pooled_balanced_accuracy": m.balanced_accuracy, "balanced_accuracy_by_source": per}
+
+
+def fit_grid(F, y, src, train_items, tr, va, classes, base: dict, *, balances=BALANCES, alphas=ALPHAS, cs=CS,
+             max_drop: float = 0.01, progress: Callable[[dict], None] | None = None):
+    """Every head of the grid fitted on the `tr` rows, scored on the `va` rows. Returns (rows, best), best =
+    (row, fitted regression, scaler) of the highest worst-source balanced accuracy among the heads whose pooled
+    validation accuracy is within `max_drop` of `base`'s (ties: the earlier head), or None."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from ..data.loaders import sampling_weights
+
+    scaler = StandardScaler().fit(F[tr])
+    Z = scaler.transform(F)
+    rows, best = [], None
+    for balance in balances:
+        w_full = sampling_weights(train_items, balance)
+        for alpha in alphas:
+            w = w_full ** alpha
+            w *= len(w) / w.sum()
+            for C in cs:
+                lr = LogisticRegression(C=C, max_iter=3000).fit(Z[tr], y[tr], sample_weight=w)
+                row = {"balance": balance, "alpha": alpha, "C": C,
+                       **valid_row(y, lr.predict_proba(Z), classes, src, va)}
+                row["allowed"] = row["pooled_accuracy"] >= base["pooled_accuracy"] - max_drop
+                rows.append(row)
+                if progress:
+                    progress(row)
+                if row["allowed"] and (best is None or row["worst_balanced_accuracy"] > best[0]["worst_balanced_accuracy"]):
+                    best = (row, lr, scaler)
+    return rows, best
+
+
+def linear_head(lr, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (classes, features), bias (classes,)) of a Linear layer whose softmax is `lr.predict_proba` on
+    `scaler`-standardised features: the standardisation folded into the weights."""
+    coef, icpt = np.asarray(lr.coef_, np.float64), np.asarray(lr.intercept_, np.float64)
+    if coef.shape[0] == 1 and n_classes == 2:   # sklearn's binary form: one logit for class 1 against class 0
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, icpt]
+    if list(lr.classes_) != list(range(n_classes)):
+        raise DataError(f"the refit saw classes {list(lr.classes_)} of {n_classes}: every class needs training images")
+    W = coef / scaler.scale_[None, :]
+    b = icpt - W @ scaler.mean_
+    return np.ascontiguousarray(W, np.float32), np.ascontiguousarray(b, np.float32)
+
+
+def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | Path, *,
+                   balances: Sequence[str] | None = None, max_drop: float = 0.01, holdout: Sequence[str] = (),
+                   bs: int = 256, workers: int = 4, device: str = "cpu", trust_pickle: bool = False,
+                   force: bool = False, progress: Callable[[int, int], None] | None = None,
+                   on_row: Callable[[dict], None] | None = None) -> RefitResult:
+    """Write `to`: the artifact with its last layer refitted on the train images of the labelled roots `data`
+    and chosen on their valid images (see the module's docstring). Sources in `holdout` are kept out of both
+    (a crossval fold's model: its held-out source must not choose). When no head keeps pooled validation
+    accuracy within `max_drop`, nothing is written and the result's artifact is None."""
+    import torch
+
+    from ..data.discover import discover
+    from .predict import Predictor
+
+    art = read_manifest(artifact)
+    dest = Path(to)
+    if dest.resolve() == art.folder.resolve():
+        raise ArtifactError(f"{dest}: is the artifact being refitted; write the new model to another --to folder")
+    check_destination(dest, force)
+    balances = tuple(balances or BALANCES)
+    for b in balances:
+        if b not in BALANCES:
+            raise DataError(f"unknown balance {b!r}; use one of {', '.join(BALANCES)}")
+    ds = discover(list(data))
+    items = ds.items[ds.items.split.isin(["train", "valid"])]
+    unknown = sorted(set(items.label) - set(art.classes))
+    if unknown:
+        raise DataError(f"train/valid labels {', '.join(unknown)} are not among the model's classes "
+                        f"({', '.join(art.classes)}): refit a model on data of its own classes")
+    missing = sorted(set(holdout) - set(items.source))
+    if missing:
+        raise DataError(f"no train or valid images from source {missing[0]!r} "
+                        f"(sources: {', '.join(sorted(set(items.source)))})")
+    items = items[~items.source.isin(list(holdout))].reset_index(drop=True)
+    for split in ("train", "valid"):
+        have = items[items.split == split]
+        lacking = [c for c in art.classes if c not in set(have.label)]
+        if lacking:
+            raise DataError(f"the {split} split has no {lacking[0]} image{' outside the held-out sources' if holdout else ''}; "
+                            f"refitting needs every class in train and in valid")
+
+    pred = Predictor(art, device)
+    paths = items.path.astype(str).tolist()
+    F, bad = features(pred, paths, bs=bs, workers=workers, progress=progress)
+    ok = np.ones(len(items), bool)
+    ok[[i for i, _ in bad]] = False
+    y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
+    src = items.source.astype(str).to_numpy()
+    tr, va = ok & (items.split == "train").to_numpy(), ok & (items.split == "valid").to_numpy()
+    for name, mask in (("train", tr), ("valid", va)):
+        if len(set(y[mask])) < len(art.classes):
+            raise DataError(f"too few readable {name} images: every class needs one ({len(bad)} unreadable)")
+
+    with torch.inference_mode():
+        p0 = torch.softmax(pred.model.head(torch.from_numpy(F)), dim=1).numpy()
+    base = valid_row(y, p0, art.classes, src, va)
+    rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=tuple(balances),
+                          max_drop=max_drop, progress=on_row)
+    skipped = [(paths[i], e) for i, e in bad]
+    res = RefitResult(None, base, None if best is None else best[0], rows, int(tr.sum()), int(va.sum()), skipped,
+                      list(holdout))
+    if best is None:
+        return res
+    row, lr, scaler = best
+    W, b = linear_head(lr, scaler, len(art.classes))
+    state = {k: v.detach().cpu().contiguous() for k, v in pred.model.state_dict().items()}
+    state["head.weight"], state["head.bias"] = torch.from_numpy(W), torch.from_numpy(b)
+    counts = items[tr].groupby(["source", "label"]).size()
+    record = {"method": METHOD, "balance": row["balance"], "alpha": row["alpha"], "C": row["C"],
+              "max_drop": max_drop, "held_out_sources": list(holdout), "grid_size": len(rows),
+              "train_images": int(tr.sum()), "valid_images": int(va.sum()), "unreadable": len(bad),
+              "train_counts": {f"{s}/{c}": int(n) for (s, c), n in counts.items()},
+              "validation": {"trained_head": base, "refitted_head": {k: row[k] for k in (
+                  "worst_source", "worst_balanced_accuracy", "pooled_accuracy", "pooled_balanced_accuracy",
+                  "balanced_accuracy_by_source")}},
+              "parent": parent_record(art)}
+    card = (f"Last layer refitted after training (cxr-fastai refit: {row['balance']} weights at alpha "
+            f"{row['alpha']}, C {row['C']}), chosen on validation: worst source {row['worst_source']} balanced "
+            f"accuracy {base['worst_balanced_accuracy']:.3f} -> {row['worst_balanced_accuracy']:.3f}, pooled "
+            f"accuracy {base['pooled_accuracy']:.3f} -> {row['pooled_accuracy']:.3f}. The other validation "
+            "figures in this manifest are the trained head's; evaluate this model on a test split.")
+    manifest = write_derived_artifact(art, state, dest, "refit", record, card, trust_pickle)
+    res.artifact = Artifact(dest, manifest)
+    return res

@@ -1,0 +1,208 @@
+"""`cxr-fastai refit`: only the last layer fitted again on class-and-source-balanced data (deep feature
+reweighting), chosen on the worst validation source, written as a whole artifact.
+
+What it must do: keep every weight and statistic but the head's; make the head exactly the chosen logistic
+regression (standardisation folded in), so safetensors, ONNX and `evaluate` all give that regression's
+probabilities; choose by the rule (best worst-source balanced accuracy among heads within --max-drop of the
+trained head's pooled validation accuracy), never read test, keep --holdout sources out of fit and choice,
+write nothing when no head is allowed, name no file in the manifest, and refuse what it cannot do in one line.
+
+The session's tiny model (16 px) is only read; the two labelled roots (sources site_a and site_b) are the
+synthetic set written twice with different seeds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import cli
+
+
+def _root(dest: Path, source: str, seed: int, counts=None) -> Path:
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    root = make_synthetic_dataset(dest, counts or {"train": 10, "valid": 4, "test": 3}, size=24, seed=seed)
+    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    df["source"] = source
+    df.to_csv(root / "labels.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("refit_data")
+    return [_root(base / "site_a", "site_a", 11), _root(base / "site_b", "site_b", 12)]
+
+
+def _items(roots, split):
+    from cxr_fastai.data.discover import discover
+
+    items = discover([str(r) for r in roots]).items
+    return items[items.split == split].reset_index(drop=True)
+
+
+def test_linear_head_is_the_regression_with_its_standardisation_folded_in():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from cxr_fastai.artifact.refit import linear_head
+
+    rng = np.random.default_rng(0)
+    for k in (3, 2):   # sklearn keeps one logit for two classes: the head must still have two rows
+        F = rng.normal(3.0, [0.1, 5.0, 1.0, 20.0], size=(90, 4))
+        y = np.arange(90) % k
+        F[:, 2] += y
+        sc = StandardScaler().fit(F)
+        lr = LogisticRegression(C=0.1, max_iter=1000).fit(sc.transform(F), y)
+        W, b = linear_head(lr, sc, k)
+        assert W.shape == (k, 4) and b.shape == (k,)
+        z = F @ W.T.astype(np.float64) + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        np.testing.assert_allclose(p / p.sum(1, keepdims=True), lr.predict_proba(sc.transform(F)), atol=1e-5)
+
+
+def test_refit_writes_the_chosen_regression_as_the_head_and_keeps_every_other_weight(tiny_model, roots, tmp_path):
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from cxr_fastai.artifact.export import load_model, read_manifest
+    from cxr_fastai.artifact.onnx_runtime import OnnxPredictor
+    from cxr_fastai.artifact.predict import Predictor
+    from cxr_fastai.artifact.refit import features
+    from cxr_fastai.data.loaders import sampling_weights
+    from cxr_fastai.evaluate.evaluate import evaluate
+    from cxr_fastai.io.images import read_grey
+
+    out = tmp_path / "refit"
+    rows_seen: list[dict] = []
+    from cxr_fastai.artifact.refit import refit_artifact
+
+    res = refit_artifact(tiny_model.art, roots, out, max_drop=1.0, workers=2, on_row=rows_seen.append)
+    assert res.artifact is not None and not res.skipped and res.held_out == []
+    train, valid = _items(roots, "train"), _items(roots, "valid")
+    assert (res.n_train, res.n_valid) == (len(train), len(valid))
+    assert len(res.grid) == 32 and rows_seen == res.grid and all(r["allowed"] for r in res.grid)
+    # the rule: the best worst-source balanced accuracy (the first of ties)
+    best = max(res.grid, key=lambda r: r["worst_balanced_accuracy"])
+    assert res.chosen is best
+
+    old_art, new_art = read_manifest(tiny_model.art), read_manifest(out)
+    old, new = load_model(old_art), load_model(new_art)
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    for k in old_sd:
+        if not k.startswith("head."):
+            assert torch.equal(old_sd[k], new_sd[k]), k
+    assert not torch.allclose(old_sd["head.weight"], new_sd["head.weight"])
+
+    # the head is that regression, fitted here again from the same features, weights and C
+    pred = Predictor(old_art)
+    F_tr, bad = features(pred, train.path.astype(str).tolist(), workers=1)
+    F_va, _ = features(pred, valid.path.astype(str).tolist(), workers=1)
+    assert bad == []
+    ytr = train.label.map({c: i for i, c in enumerate(old_art.classes)}).to_numpy()
+    w = sampling_weights(train, best["balance"]) ** best["alpha"]
+    sc = StandardScaler().fit(F_tr)
+    lr = LogisticRegression(C=best["C"], max_iter=3000).fit(sc.transform(F_tr), ytr, sample_weight=w * len(w) / w.sum())
+    want = lr.predict_proba(sc.transform(F_va))
+    arrays = [read_grey(str(p)) for p in valid.path]
+    got = Predictor(new_art).probs(arrays)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(OnnxPredictor(new_art).probs(arrays), got, atol=1e-4)
+
+    # the recorded validation figures are what `evaluate` measures on the new artifact
+    rec = new_art.manifest["refit"]
+    ev = evaluate(out, [str(r) for r in roots], split="valid")
+    assert ev.accuracy == pytest.approx(rec["validation"]["refitted_head"]["pooled_accuracy"])
+    by_src = {s: f["balanced_accuracy"] for s, f in ev.metrics.per_source.items()}
+    assert by_src == pytest.approx(rec["validation"]["refitted_head"]["balanced_accuracy_by_source"])
+    ev_old = evaluate(tiny_model.art, [str(r) for r in roots], split="valid")
+    assert ev_old.accuracy == pytest.approx(rec["validation"]["trained_head"]["pooled_accuracy"])
+
+    # the manifest: what was done, on how many images of which strata, the parent; no file or folder name
+    m = new_art.manifest
+    assert set(m["files"]) == {"model.safetensors", "model.onnx"} and not new_art.has_pickle
+    assert (rec["balance"], rec["alpha"], rec["C"]) == (best["balance"], best["alpha"], best["C"])
+    assert rec["train_images"] == len(train) and sum(rec["train_counts"].values()) == len(train)
+    assert rec["parent"]["weights_sha256"] == old_art.manifest["files"]["model.safetensors"]["sha256"]
+    assert "refit" in m["model_card"] and m["classes"] == old_art.manifest["classes"]
+    text = (out / "manifest.json").read_text()
+    assert str(roots[0]) not in text and ".png" not in text
+    assert read_manifest(tiny_model.art).manifest == old_art.manifest
+
+
+def test_holdout_sources_neither_fit_nor_choose_and_test_is_never_read(tiny_model, roots, tmp_path, monkeypatch):
+    import cxr_fastai.artifact.refit as refit
+
+    read: list[str] = []
+    real = refit.features
+
+    def spy(pred, paths, **kw):
+        read.extend(paths)
+        return real(pred, paths, **kw)
+
+    monkeypatch.setattr(refit, "features", spy)
+    res = refit.refit_artifact(tiny_model.art, roots, tmp_path / "fold", holdout=["site_b"], max_drop=1.0, workers=1)
+    a_train, a_valid = (_items(roots[:1], s) for s in ("train", "valid"))
+    assert sorted(read) == sorted(map(str, list(a_train.path) + list(a_valid.path)))
+    assert res.held_out == ["site_b"] and res.n_train == len(a_train)
+    assert all(set(r["balanced_accuracy_by_source"]) == {"site_a"} for r in res.grid)
+    rec = res.artifact.manifest["refit"]
+    assert rec["held_out_sources"] == ["site_b"] and all(k.startswith("site_a/") for k in rec["train_counts"])
+
+
+def test_no_head_within_max_drop_writes_nothing(tiny_model, roots, tmp_path):
+    from cxr_fastai.artifact.refit import refit_artifact
+
+    # a negative allowance demands a pooled gain of a whole unit: no head can have it
+    res = refit_artifact(tiny_model.art, roots, tmp_path / "none", max_drop=-1.0, balances=["class-source"], workers=1)
+    assert res.artifact is None and res.chosen is None and len(res.grid) == 16
+    assert not (tmp_path / "none").exists()
+
+
+def test_cli_refit_and_its_one_line_errors(tiny_model, roots, tmp_path):
+    from test_onnx import one_line_error, ok
+
+    out = tmp_path / "refit"
+    res = ok(cli("refit", tiny_model.art, *roots, "--to", out, "--max-drop", "1", "--balance", "class-then-source"))
+    assert "chosen on validation: class-then-source" in res.stdout and "trained head: valid worst source" in res.stdout
+    assert res.stderr.count("refit: class-then-source alpha") == 16 and "refit: features of" in res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["refit"]["balance"] == "class-then-source" and m["refit"]["grid_size"] == 16
+    ok(cli("evaluate", out, *roots, "--split", "test"))   # a refitted model is scored like any other
+    from fastapi.testclient import TestClient
+
+    from cxr_fastai.serve.app import create_app
+
+    with TestClient(create_app(out)) as c:                 # serve's /model says how the head was made
+        info = c.get("/model").json()
+    assert info["refit"]["balance"] == "class-then-source" and "refit" in info["model_card"]
+
+    one_line_error(cli("refit", tiny_model.art, *roots, "--to", out), "already exists", "--force")
+    one_line_error(cli("refit", tiny_model.art, *roots, "--to", tiny_model.art), "is the artifact being refitted")
+    one_line_error(cli("refit", tiny_model.art, *roots, "--to", tmp_path / "x", "--holdout", "site_z"),
+                   "no train or valid images from source 'site_z'")
+    one_line_error(cli("refit", tiny_model.art, roots[0], "--to", tmp_path / "x", "--holdout", "site_a"),
+                   "the train split has no")
+    no_valid = _root(tmp_path / "no_valid", "site_c", 3, {"train": 6, "test": 2})
+    one_line_error(cli("refit", tiny_model.art, no_valid, "--to", tmp_path / "x"), "the valid split has no")
+    other = _root(tmp_path / "other", "site_d", 4)
+    df = pd.read_csv(other / "labels.csv", dtype=str, keep_default_na=False)
+    df.loc[df.label == df.label.iloc[0], "label"] = "TUBERCULOSIS"
+    df.to_csv(other / "labels.csv", index=False)
+    one_line_error(cli("refit", tiny_model.art, other, "--to", tmp_path / "x"), "TUBERCULOSIS", "not among the model's classes")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_says_when_no_head_is_allowed_and_exits_1(tiny_model, roots, tmp_path, monkeypatch):
+    import cxr_fastai.artifact.refit as refit
+
+    real = refit.fit_grid
+    monkeypatch.setattr(refit, "fit_grid", lambda *a, **k: (real(*a, **k)[0], None))   # as if every head lost
+    res = cli("refit", tiny_model.art, *roots, "--to", tmp_path / "none", "--balance", "class-source", "-q")
+    assert res.exit_code == 1 and "nothing written" in res.stderr and "Traceback" not in res.output
+    assert "trained head: valid worst source" in res.stdout and not (tmp_path / "none").exists()
