@@ -96,6 +96,12 @@ def _quiet_log(quiet: bool):
     return (lambda m: None) if quiet else _echo
 
 
+def _trust_pickle_warning(trust_pickle: bool) -> None:
+    if trust_pickle:
+        _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
+              "use it only for artifacts you made or trust")
+
+
 @contextlib.contextmanager
 def _errors(interrupt_hint: str = "") -> Iterator[None]:
     """Our exceptions become one line on stderr and exit 1; Ctrl-C exits 130, SIGTERM 143."""
@@ -350,9 +356,7 @@ def predict(
                         runtime=runtime.value)
     with _errors():
         _out_file(out, "--out", f"predictions.{fmt.value}")
-        if trust_pickle and runtime is Runtime.torch:
-            _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
-                  "use it only for artifacts you made or trust")
+        _trust_pickle_warning(trust_pickle and runtime is Runtime.torch)
         res = predict_paths(artifact, inputs, cfg)
         write_predictions(res, out, fmt.value)
     if out is not None:
@@ -400,6 +404,15 @@ def evaluate(
         _echo(f"{res.n} images: accuracy {res.accuracy:.4f}, balanced accuracy {res.balanced_accuracy:.4f}; written to {out}")
 
 
+# the options of the commands that write a new artifact from an old one (adapt, refit)
+DERIVED = {
+    "trust_pickle": typer.Option(False, "--trust-pickle", help="Also write model.pkl with the new weights (loads the old model.pkl: a pickle can run code; only for artifacts you trust). Without it the new artifact has no model.pkl."),
+    "device": typer.Option(Device.auto, help="Where to run the model."),
+    "force": typer.Option(False, "--force", help="Replace an existing --to folder."),
+    "quiet": typer.Option(False, "--quiet", "-q", help="No progress lines."),
+}
+
+
 @app.command()
 def adapt(
     artifact: Path = typer.Argument(..., help="An exported model folder."),
@@ -410,10 +423,10 @@ def adapt(
     bs: int = typer.Option(256, "--bs", min=2, max=8192, help="Images per batch of statistics (batches are made near-equal in size)."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled order the batches are made in."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also write model.pkl with the new statistics (loads the old model.pkl: a pickle can run code; only for artifacts you trust). Without it the adapted artifact has no model.pkl."),
-    device: Device = typer.Option(Device.auto, help="Where to run the model."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --to folder."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    trust_pickle: bool = DERIVED["trust_pickle"],
+    device: Device = DERIVED["device"],
+    force: bool = DERIVED["force"],
+    quiet: bool = DERIVED["quiet"],
 ):
     """Re-estimate the model's BatchNorm statistics on a hospital's own unlabelled films (AdaBN) and write them as a new artifact."""
     from .artifact.adapt import adapt_artifact
@@ -422,9 +435,7 @@ def adapt(
         _echo(f"adapt: {done}/{total} images")
 
     with _errors():
-        if trust_pickle:
-            _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
-                  "use it only for artifacts you made or trust")
+        _trust_pickle_warning(trust_pickle)
         res = adapt_artifact(artifact, inputs, to, splits=split, sources=source, bs=bs, workers=workers,
                              device=device.value, seed=seed, trust_pickle=trust_pickle, force=force,
                              progress=None if quiet else progress)
@@ -461,10 +472,10 @@ def refit(
     holdout: List[str] = typer.Option([], "--holdout", help="A source kept out of the fit and the choice (repeatable): a crossval fold's held-out source."),
     bs: int = typer.Option(256, "--bs", min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also write model.pkl with the new head (loads the old model.pkl: a pickle can run code; only for artifacts you trust). Without it the new artifact has no model.pkl."),
-    device: Device = typer.Option(Device.auto, help="Where to run the model."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --to folder."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    trust_pickle: bool = DERIVED["trust_pickle"],
+    device: Device = DERIVED["device"],
+    force: bool = DERIVED["force"],
+    quiet: bool = DERIVED["quiet"],
 ):
     """Refit only the last layer on class-and-source-balanced data, chosen on the worst validation source (deep feature reweighting), into a new artifact."""
     from .artifact.refit import refit_artifact
@@ -478,9 +489,7 @@ def refit(
               + ("" if r["allowed"] else " (drops more than --max-drop)"))
 
     with _errors():
-        if trust_pickle:
-            _warn("--trust-pickle: loading model.pkl unpickles it, which can run arbitrary code; "
-                  "use it only for artifacts you made or trust")
+        _trust_pickle_warning(trust_pickle)
         res = refit_artifact(artifact, data, to, balances=[b.value for b in balance] or None, max_drop=max_drop,
                              holdout=holdout, bs=bs, workers=workers, device=device.value,
                              trust_pickle=trust_pickle, force=force, progress=None if quiet else progress,

@@ -59,6 +59,18 @@ def make_slice(root: Path, dest: Path, per: dict[str, int], seed: int = 0) -> Pa
     return dest
 
 
+def synthetic_source(dest: Path, source: str, seed: int, counts=None) -> Path:
+    """A synthetic labels.csv root (24 px; `counts` per class and split, default 8 train / 3 valid / 3 test)
+    whose every image has labels.csv source `source`: one hospital of a multi-source test."""
+    from cxr_fastai.synth import make_synthetic_dataset
+
+    root = make_synthetic_dataset(dest, counts or {"train": 8, "valid": 3, "test": 3}, size=24, seed=seed)
+    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    df["source"] = source
+    df.to_csv(root / "labels.csv", index=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def cxr3_slice(cxr3_root, tmp_path_factory) -> Path:
     """60 train, 20 valid, 70 test images per class (test: 210 images for the pickle/safetensors check)."""

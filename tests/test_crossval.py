@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from conftest import TINY_WIDTHS, cli
+from conftest import TINY_WIDTHS, cli, synthetic_source
 
 SOURCES = ("site_a", "site_b", "site_c")
 
@@ -29,20 +29,10 @@ def _ccfg(**kw):
     return CrossvalConfig(n_boot=100, **kw)
 
 
-def _make_root(dest: Path, source: str, seed: int) -> Path:
-    from cxr_fastai.synth import make_synthetic_dataset
-
-    root = make_synthetic_dataset(dest, {"train": 8, "valid": 3, "test": 3}, size=24, seed=seed)
-    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
-    df["source"] = source
-    df.to_csv(root / "labels.csv", index=False)
-    return root
-
-
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> list[Path]:
     base = tmp_path_factory.mktemp("crossval_data")
-    return [_make_root(base / s, s, seed=i) for i, s in enumerate(SOURCES)]
+    return [synthetic_source(base / s, s, seed=i) for i, s in enumerate(SOURCES)]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +183,7 @@ def test_one_source_is_a_clear_error(tmp_path):
     from cxr_fastai.errors import CxrError
     from cxr_fastai.evaluate.crossval import crossval
 
-    root = _make_root(tmp_path / "only", "only", seed=0)
+    root = synthetic_source(tmp_path / "only", "only", seed=0)
     with pytest.raises(CxrError, match="at least 2 sources"):
         crossval(_tcfg([root]), tmp_path / "out", _ccfg())
     r = cli("crossval", root, "--out", tmp_path / "out2", "--size", 16, "--epochs", 1)

@@ -19,23 +19,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import cli
+from conftest import cli, synthetic_source
 
-
-def _root(dest: Path, source: str, seed: int, counts=None) -> Path:
-    from cxr_fastai.synth import make_synthetic_dataset
-
-    root = make_synthetic_dataset(dest, counts or {"train": 10, "valid": 4, "test": 3}, size=24, seed=seed)
-    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
-    df["source"] = source
-    df.to_csv(root / "labels.csv", index=False)
-    return root
+COUNTS = {"train": 10, "valid": 4, "test": 3}
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> list[Path]:
     base = tmp_path_factory.mktemp("refit_data")
-    return [_root(base / "site_a", "site_a", 11), _root(base / "site_b", "site_b", 12)]
+    return [synthetic_source(base / "site_a", "site_a", 11, COUNTS), synthetic_source(base / "site_b", "site_b", 12, COUNTS)]
 
 
 def _items(roots, split):
@@ -188,9 +180,9 @@ def test_cli_refit_and_its_one_line_errors(tiny_model, roots, tmp_path):
                    "no train or valid images from source 'site_z'")
     one_line_error(cli("refit", tiny_model.art, roots[0], "--to", tmp_path / "x", "--holdout", "site_a"),
                    "the train split has no")
-    no_valid = _root(tmp_path / "no_valid", "site_c", 3, {"train": 6, "test": 2})
+    no_valid = synthetic_source(tmp_path / "no_valid", "site_c", 3, {"train": 6, "test": 2})
     one_line_error(cli("refit", tiny_model.art, no_valid, "--to", tmp_path / "x"), "the valid split has no")
-    other = _root(tmp_path / "other", "site_d", 4)
+    other = synthetic_source(tmp_path / "other", "site_d", 4)
     df = pd.read_csv(other / "labels.csv", dtype=str, keep_default_na=False)
     df.loc[df.label == df.label.iloc[0], "label"] = "TUBERCULOSIS"
     df.to_csv(other / "labels.csv", index=False)
