@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import time
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -480,8 +481,12 @@ def refit(
     """Refit only the last layer on class-and-source-balanced data, chosen on the worst validation source (deep feature reweighting), into a new artifact."""
     from .artifact.refit import refit_artifact
 
+    t0 = time.monotonic()
+
     def progress(done: int, total: int) -> None:
-        _echo(f"refit: features of {done}/{total} images")
+        rate = done / max(time.monotonic() - t0, 1e-9)
+        left = f", about {(total - done) / rate / 60:.0f} min left" if done < total else ""
+        _echo(f"refit: features of {done}/{total} images ({rate:.0f} img/s{left})")
 
     def on_row(r: dict) -> None:
         _echo(f"refit: {r['balance']} alpha {r['alpha']} C {r['C']}: valid worst source {r['worst_source']} "
