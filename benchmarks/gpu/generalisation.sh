@@ -4,7 +4,7 @@
 # within the machine's idle release (the first call's /tmp survives while the machine stays warm):
 #   here:   bash benchmarks/gpu/prepare.sh && OUT=/tmp/x bash benchmarks/gpu/generalisation.sh pack-adult
 #   call 1: run(carry=[".device"], command="bash benchmarks/gpu/generalisation.sh setup")
-#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 rows-half rows-swa rows-ms rows-adv rows-crop rows-mix rows-dro loso-default adapt loso-swa loso-ms loso-half loso-adv")
+#   call 2: run(carry=[".device-adult"], command="bash benchmarks/gpu/generalisation.sh adult rows128 refit rows-half rows-swa rows-ms rows-adv rows-crop rows-mix rows-dro loso-default adapt loso-swa loso-ms loso-half loso-adv")
 # Stages (in the order given; each writes its figures to $OUT as it ends, so a timeout keeps the finished ones):
 #   setup         wheels into /tmp/site, cxr3 into /tmp/cxr3, the machine's versions into $OUT/env.txt
 #   adult         cxr3-adult into /tmp/cxr3-adult
@@ -28,8 +28,11 @@
 #   adapt         `cxr-fastai adapt` (BatchNorm statistics from a source's unlabelled train + valid films) on the
 #                 models the stages above left: plain128 to NIH, loso-default's NIH and rsna_adult folds to
 #                 their held-out source; each scored on that source's test split before and after
+#   refit         `cxr-fastai refit` (the last layer on class-and-source-balanced data, chosen on validation) of
+#                 plain128 (and of loso-default's NIH fold with --holdout, when that stage ran before); each
+#                 scored on cxr3 test, cxr3-adult test and NIH test, the unrefitted model beside it
 # Figures only come back (JSON, Markdown, PNG, histories); no model.
-# CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default
+# CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default refit
 set -euo pipefail
 OUT=${OUT:?set OUT (the device tool sets it)}
 if [ -z "${DRY:-}" ]; then
@@ -83,6 +86,19 @@ adapted() {  # NAME ART ROOT SOURCE: adapt ART to SOURCE's train + valid films, 
     cli evaluate "$art" "$root" --split test --source "$src" "${dev[@]}" --out "$OUT/adapt-$name-before.json" >/dev/null
     cli evaluate "$w/adapted-$name" "$root" --split test --source "$src" "${dev[@]}" --out "$OUT/adapt-$name-after.json" >/dev/null
 }
+refitted() {  # NAME ART [refit options]: refit ART on both roots, score cxr3, cxr3-adult and NIH test before and after
+    local name=$1 art=$2; shift 2
+    [ -d "$art" ] || { echo "refit $name: no $art (run its stage first)" >&2; return 0; }
+    cli refit "$art" "$d1" "$d2" --to "$w/refit-$name" "${dev[@]}" --force -q "$@" > "$OUT/refit-$name.txt" \
+        || { echo "refit $name: nothing written (rc $?)" >&2; return 0; }
+    local a tag
+    for a in "$art" "$w/refit-$name"; do
+        [ "$a" = "$art" ] && tag=before || tag=after
+        cli evaluate "$a" "$d1" --split test "${dev[@]}" --out "$OUT/refit-$name-$tag-cxr3-test.json" >/dev/null
+        cli evaluate "$a" "$d2" --split test "${dev[@]}" --out "$OUT/refit-$name-$tag-adult-test.json" >/dev/null
+        cli evaluate "$a" "$d1" --split test --source "$nih" "${dev[@]}" --out "$OUT/refit-$name-$tag-nih-test.json" >/dev/null
+    done
+}
 for stage in "$@"; do
     echo "== $stage $(date +%T)"
     case $stage in
@@ -116,6 +132,8 @@ for stage in "$@"; do
         adapt) adapted plain128-nih "$w/art-plain128" "$d1" "$nih"
                adapted loso-nih "$w/loso-default/folds/holdout-$nih/model" "$d1" "$nih"
                adapted loso-rsna "$w/loso-default/folds/holdout-$rsna/model" "$d2" "$rsna" ;;
+        refit) refitted plain128 "$w/art-plain128"
+               refitted loso-nih "$w/loso-default/folds/holdout-$nih/model" --holdout "$nih" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
