@@ -113,6 +113,14 @@ def test_refit_writes_the_chosen_regression_as_the_head_and_keeps_every_other_we
     by_src = {s: f["balanced_accuracy"] for s, f in ev.metrics.per_source.items()}
     assert by_src == pytest.approx(rec["validation"]["refitted_head"]["balanced_accuracy_by_source"])
     ev_old = evaluate(tiny_model.art, [str(r) for r in roots], split="valid")
+    # evaluate says when it scores the images the head was fitted or chosen on, and only then
+    assert ev.seen_in_refit == len(valid) and ev.to_dict()["seen_in_refit"] == len(valid)
+    warned: list[str] = []
+    on_test = evaluate(out, [str(r) for r in roots], split="test", warn=warned.append)
+    assert on_test.seen_in_refit == 0 and not any("refit" in w for w in warned)
+    evaluate(out, [str(r) for r in roots], split="valid", warn=warned.append)
+    assert any("fitted or chose this model's last layer" in w for w in warned), warned
+    assert ev_old.seen_in_refit is None
     assert ev_old.accuracy == pytest.approx(rec["validation"]["trained_head"]["pooled_accuracy"])
 
     # the manifest: what was done, on how many images of which strata, the parent; no file or folder name
@@ -120,6 +128,7 @@ def test_refit_writes_the_chosen_regression_as_the_head_and_keeps_every_other_we
     assert set(m["files"]) == {"model.safetensors", "model.onnx"} and not new_art.has_pickle
     assert (rec["balance"], rec["alpha"], rec["C"]) == (best["balance"], best["alpha"], best["C"])
     assert rec["train_images"] == len(train) and sum(rec["train_counts"].values()) == len(train)
+    assert len(rec["images_sha256"]) == len(train) + len(valid)
     assert rec["parent"]["weights_sha256"] == old_art.manifest["files"]["model.safetensors"]["sha256"]
     assert "refit" in m["model_card"] and m["classes"] == old_art.manifest["classes"]
     text = (out / "manifest.json").read_text()
@@ -173,6 +182,7 @@ def test_cli_refit_and_its_one_line_errors(tiny_model, roots, tmp_path):
     with TestClient(create_app(out)) as c:                 # serve's /model says how the head was made
         info = c.get("/model").json()
     assert info["refit"]["balance"] == "class-then-source" and "refit" in info["model_card"]
+    assert "images_sha256" not in info["refit"]
 
     one_line_error(cli("refit", tiny_model.art, *roots, "--to", out), "already exists", "--force")
     one_line_error(cli("refit", tiny_model.art, *roots, "--to", tiny_model.art), "is the artifact being refitted")

@@ -415,25 +415,28 @@ def seen_in_training(manifest: dict[str, Any], paths: list[str]) -> int | None:
 
 
 def _known_hashes(manifest: dict[str, Any]) -> list[set[str] | None]:
-    """The manifest's SHA-256 lists: training images, and the images an adapted model's BatchNorm statistics
-    came from (`cxr-fastai adapt`); None for a list it does not have."""
-    adaptation = manifest.get("adaptation")
-    lists = [manifest.get("training_images_sha256"),
-             adaptation.get("images_sha256") if isinstance(adaptation, dict) else None]
+    """The manifest's SHA-256 lists: training images, the images an adapted model's BatchNorm statistics came
+    from (`cxr-fastai adapt`), and the images a refitted head was fitted and chosen on (`cxr-fastai refit`);
+    None for a list it does not have."""
+    def listed(section: Any):
+        return section.get("images_sha256") if isinstance(section, dict) else None
+
+    lists = [manifest.get("training_images_sha256"), listed(manifest.get("adaptation")), listed(manifest.get("refit"))]
     return [set(x) if isinstance(x, list) else None for x in lists]
 
 
-def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None]:
-    """How many of `paths` have the content (SHA-256) of a training image, and of an image that gave an adapted
-    model's BatchNorm statistics, as the manifest lists them; None where it has no such list (exported before
-    training hashes were kept; never adapted). Each file is hashed once, and not at all without a list."""
+def seen_counts(manifest: dict[str, Any], paths: list[str]) -> tuple[int | None, int | None, int | None]:
+    """How many of `paths` have the content (SHA-256) of a training image, of an image that gave an adapted
+    model's BatchNorm statistics, and of an image a refitted head was fitted or chosen on, as the manifest lists
+    them; None where it has no such list (exported before training hashes were kept; never adapted; never
+    refitted). Each file is hashed once, and not at all without a list."""
     from ..io.files import hash_files
 
     if all(known is None for known in _known_hashes(manifest)):
-        return None, None
+        return None, None, None
     return seen_counts_of(manifest, [h for h, _ in hash_files(paths)])
 
 
-def seen_counts_of(manifest: dict[str, Any], hashes: list[str | None]) -> tuple[int | None, int | None]:
+def seen_counts_of(manifest: dict[str, Any], hashes: list[str | None]) -> tuple[int | None, int | None, int | None]:
     """`seen_counts` for SHA-256s already computed (None for a file that could not be read)."""
     return tuple(None if known is None else sum(h in known for h in hashes) for known in _known_hashes(manifest))

@@ -145,6 +145,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     import torch
 
     from ..data.discover import discover
+    from ..io.files import hash_files
     from .predict import Predictor
 
     art = read_manifest(artifact)
@@ -201,6 +202,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     state = {k: v.detach().cpu().contiguous() for k, v in pred.model.state_dict().items()}
     state["head.weight"], state["head.bias"] = torch.from_numpy(W), torch.from_numpy(b)
     counts = items[tr].groupby(["source", "label"]).size()
+    hashes = {h for h, _ in hash_files([paths[i] for i in np.flatnonzero(tr | va)])} - {None}
     record = {"method": METHOD, "balance": row["balance"], "alpha": row["alpha"], "C": row["C"],
               "max_drop": max_drop, "held_out_sources": list(holdout), "grid_size": len(rows),
               "train_images": int(tr.sum()), "valid_images": int(va.sum()), "unreadable": len(bad),
@@ -208,7 +210,9 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
               "validation": {"trained_head": base, "refitted_head": {k: row[k] for k in (
                   "worst_source", "worst_balanced_accuracy", "pooled_accuracy", "pooled_balanced_accuracy",
                   "balanced_accuracy_by_source")}},
-              "parent": parent_record(art)}
+              "parent": parent_record(art),
+              # content hashes of the images the head was fitted and chosen on: `evaluate` says when it scores them
+              "images_sha256": sorted(hashes)}
     card = (f"Last layer refitted after training (cxr-fastai refit: {row['balance']} weights at alpha "
             f"{row['alpha']}, C {row['C']}), chosen on validation: worst source {row['worst_source']} balanced "
             f"accuracy {base['worst_balanced_accuracy']:.3f} -> {row['worst_balanced_accuracy']:.3f}, pooled "

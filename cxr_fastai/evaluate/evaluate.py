@@ -24,6 +24,7 @@ class EvalResult:
     skipped: list[tuple[str, str]]
     seen_in_training: int | None = None   # evaluated images whose bytes were training images (None: artifact lacks the list)
     seen_in_adaptation: int | None = None  # evaluated images that gave an adapted model's BatchNorm statistics
+    seen_in_refit: int | None = None       # evaluated images a refitted head was fitted or chosen on
 
     @property
     def n(self) -> int:
@@ -40,7 +41,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {**self.metrics.to_dict(), "split": self.split, "data": self.data, "artifact": self.artifact,
                 "skipped": [{"path": p, "error": e} for p, e in self.skipped], "seen_in_training": self.seen_in_training,
-                "seen_in_adaptation": self.seen_in_adaptation}
+                "seen_in_adaptation": self.seen_in_adaptation, "seen_in_refit": self.seen_in_refit}
 
 
 def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], split: str = EvalConfig.split,
@@ -77,7 +78,7 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
         for w in source_warnings(np.array(y), classes, sources) + source_gaps(m.per_source, m.balanced_accuracy,
                                                                              ecfg.source_gap):
             warn(w)
-    seen, adapted = seen_counts(pred.art.manifest, used)
+    seen, adapted, refit = seen_counts(pred.art.manifest, used)
     if seen:
         warn(f"{seen} of the {len(used)} evaluated images were used in training (same file content); these metrics "
              "overstate how the model does on new images: evaluate on images it was not trained on")
@@ -85,7 +86,10 @@ def evaluate(artifact: str | Path, data: str | Path | Sequence[str | Path], spli
         warn(f"{adapted} of the {len(used)} evaluated images gave this model's BatchNorm statistics (`cxr-fastai "
              "adapt`; their labels were not used); figures on them need not carry to films it was not adapted on: "
              "to measure, adapt on one split and evaluate another")
-    return EvalResult(m, used_split, ds.where, str(Path(artifact)), skipped, seen, adapted)
+    if refit:
+        warn(f"{refit} of the {len(used)} evaluated images fitted or chose this model's last layer (`cxr-fastai "
+             "refit`); these metrics overstate how it does on new images: evaluate it on a split it was not refitted on")
+    return EvalResult(m, used_split, ds.where, str(Path(artifact)), skipped, seen, adapted, refit)
 
 
 def write_metrics(res: EvalResult, out: str | Path) -> None:

@@ -265,7 +265,8 @@ def create_app(artifact: str | Path, token: str | None = None, max_mb: float = S
             "adaptation": {k: v for k, v in m["adaptation"].items() if k != "images_sha256"}
                           if isinstance(m.get("adaptation"), dict) else None,
             # `cxr-fastai refit`: how the head was refitted and the validation figures it was chosen on
-            "refit": m["refit"] if isinstance(m.get("refit"), dict) else None,
+            "refit": {k: v for k, v in m["refit"].items() if k != "images_sha256"}
+                     if isinstance(m.get("refit"), dict) else None,
             "versions": m.get("versions") or {},
             "features": {"gradcam": model.torch, "tta": model.torch},
             "limits": {"max_mb": max_mb, "max_files": max_files},
