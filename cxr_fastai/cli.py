@@ -501,6 +501,14 @@ def refit(
                              on_row=None if quiet else on_row)
     if res.skipped:
         _warn(f"{len(res.skipped)} unreadable image(s) left out (first: {res.skipped[0][1]})")
+    if res.held_out_by_model:
+        _echo(f"held out as the model's training left them out: {', '.join(res.held_out_by_model)}")
+    if res.valid_seen_in_training:
+        _warn(f"{res.valid_seen_in_training} of the {res.n_valid} valid images are training images of this model "
+              "(same file content): the choice favours heads that fit them; refit on roots whose valid split the "
+              "model did not train on")
+    if res.trained.get("one_class_sources"):
+        _echo("not ranked for the choice (one class in valid): " + ", ".join(res.trained["one_class_sources"]))
     t = res.trained
     typer.echo(f"trained head: valid worst source {t['worst_source']} {t['worst_balanced_accuracy']:.3f}, pooled "
                f"accuracy {t['pooled_accuracy']:.3f} ({res.n_train} train, {res.n_valid} valid images"

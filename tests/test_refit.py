@@ -208,3 +208,90 @@ def test_cli_says_when_no_head_is_allowed_and_exits_1(tiny_model, roots, tmp_pat
     res = cli("refit", tiny_model.art, *roots, "--to", tmp_path / "none", "--balance", "class-source", "-q")
     assert res.exit_code == 1 and "nothing written" in res.stderr and "Traceback" not in res.output
     assert "trained head: valid worst source" in res.stdout and not (tmp_path / "none").exists()
+
+
+def test_the_choice_keeps_to_heads_within_max_drop_and_ranks_only_two_class_sources():
+    from cxr_fastai.artifact.refit import fit_grid, valid_row
+
+    rng = np.random.default_rng(3)
+    n, classes = 240, ["A", "B", "C"]
+    y = np.arange(n) % 3
+    src = np.array(["s1", "s2"])[(np.arange(n) // 3) % 2]
+    F = rng.normal(size=(n, 6))
+    F[:, 0] += y * 0.8
+    F[:, 1] += (src == "s2") * 1.5 + (y == 2) * (src == "s1") * 1.0   # a class-by-source shortcut
+    tr, va = np.arange(n) < 160, np.arange(n) >= 160
+    train = pd.DataFrame({"label": np.array(classes)[y[tr]], "source": src[tr]})
+    rows, _ = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.0})
+    pooled = sorted(r["pooled_accuracy"] for r in rows)
+    bar = pooled[len(pooled) // 2]                      # half the heads fall below it
+    rows, best = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": bar}, max_drop=0.0)
+    assert [r["allowed"] for r in rows] == [r["pooled_accuracy"] >= bar for r in rows]
+    allowed = [r for r in rows if r["allowed"]]
+    assert 0 < len(allowed) < len(rows)
+    assert best[0] is max(allowed, key=lambda r: r["worst_balanced_accuracy"])
+    # the chosen regression is the one whose figures the row holds
+    assert valid_row(y, best[1].predict_proba(best[2].transform(F)), classes, src, va)["pooled_accuracy"] == \
+        pytest.approx(best[0]["pooled_accuracy"])
+
+    # a source with one class in valid is not ranked: its "balanced accuracy" is that class's recall alone
+    y2, src2 = np.array([0, 0, 0, 0, 1, 1, 0, 1]), np.array(["one"] * 4 + ["two"] * 4)
+    p = np.eye(3)[[1, 1, 1, 1, 1, 1, 0, 1]]            # every "one" film wrong (recall 0); "two" 3 of 4 right
+    row = valid_row(y2, p, classes, src2, np.ones(8, bool))
+    assert row["balanced_accuracy_by_source"]["one"] == 0.0 and row["worst_source"] == "two"
+    assert row["one_class_sources"] == ["one"]
+
+
+def test_unreadable_images_are_left_out_and_said(tiny_model, tmp_path):
+    from cxr_fastai.artifact.refit import refit_artifact
+
+    root = synthetic_source(tmp_path / "site_x", "site_x", 5, COUNTS)
+    df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    bad = df[df.split == "train"].iloc[[0]].copy()
+    bad["path"] = "train/broken.png"
+    (root / "train" / "broken.png").write_bytes(b"not an image")
+    pd.concat([df, bad]).to_csv(root / "labels.csv", index=False)
+    n_train, n_valid = int((df.split == "train").sum()), int((df.split == "valid").sum())
+    res = refit_artifact(tiny_model.art, [root], tmp_path / "out", max_drop=1.0, balances=["class-source"], workers=1)
+    assert len(res.skipped) == 1 and res.skipped[0][0].endswith("broken.png")
+    assert (res.n_train, res.n_valid) == (n_train, n_valid)
+    rec = res.artifact.manifest["refit"]
+    assert rec["unreadable"] == 1 and rec["train_images"] == n_train
+    assert len(rec["images_sha256"]) == n_train + n_valid and sum(rec["train_counts"].values()) == n_train
+
+
+def test_a_crossval_folds_model_keeps_its_held_out_source_out_and_a_grouped_fold_is_refused(tiny_model, roots, tmp_path):
+    import shutil
+
+    from test_onnx import one_line_error
+
+    from cxr_fastai.artifact.refit import refit_artifact
+
+    fold = tmp_path / "fold_model"
+    shutil.copytree(tiny_model.art, fold)
+    m = json.loads((fold / "manifest.json").read_text())
+    m["training"]["exclude_sources"] = ["site_b"]          # as crossval writes a held-out fold's model
+    (fold / "manifest.json").write_text(json.dumps(m))
+    res = refit_artifact(fold, roots, tmp_path / "out", max_drop=1.0, balances=["class-source"], workers=1)
+    assert res.held_out == ["site_b"] and res.held_out_by_model == ["site_b"]
+    assert all(set(r["balanced_accuracy_by_source"]) == {"site_a"} for r in res.grid)
+    assert res.artifact.manifest["refit"]["held_out_sources"] == ["site_b"]
+
+    m["training"].update(exclude_sources=[], group_folds=5, holdout_fold=1)
+    (fold / "manifest.json").write_text(json.dumps(m))
+    one_line_error(cli("refit", fold, *roots, "--to", tmp_path / "grouped"), "patient-grouped fold")
+    assert not (tmp_path / "grouped").exists()
+
+
+def test_cli_warns_when_the_valid_split_holds_the_models_training_images(tiny_model, tmp_path):
+    import shutil
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_model.data, swapped)
+    df = pd.read_csv(swapped / "labels.csv", dtype=str, keep_default_na=False)
+    df["split"] = df.split.map({"train": "valid", "valid": "train"}).fillna(df.split)
+    df.to_csv(swapped / "labels.csv", index=False)
+    n_valid = int((df.split == "valid").sum())
+    res = cli("refit", tiny_model.art, swapped, "--to", tmp_path / "out", "--max-drop", "1", "--balance", "class-source", "-q")
+    assert res.exit_code == 0, res.output
+    assert f"{n_valid} of the {n_valid} valid images are training images of this model" in res.stderr

@@ -29,7 +29,7 @@
 #                 models the stages above left: plain128 to NIH, loso-default's NIH and rsna_adult folds to
 #                 their held-out source; each scored on that source's test split before and after
 #   refit         `cxr-fastai refit` (the last layer on class-and-source-balanced data, chosen on validation) of
-#                 plain128 (and of loso-default's NIH fold with --holdout, when that stage ran before); each
+#                 plain128 (and of loso-default's NIH fold, NIH held out, when that stage ran before); each
 #                 scored on cxr3 test, cxr3-adult test and NIH test, the unrefitted model beside it
 # Figures only come back (JSON, Markdown, PNG, histories); no model.
 # CPU rehearsal on tiny synthetic roots: DRY=1 OUT=/tmp/gout bash benchmarks/gpu/generalisation.sh rows128 loso-default refit
@@ -89,8 +89,12 @@ adapted() {  # NAME ART ROOT SOURCE: adapt ART to SOURCE's train + valid films, 
 refitted() {  # NAME ART [refit options]: refit ART on both roots, score cxr3, cxr3-adult and NIH test before and after
     local name=$1 art=$2; shift 2
     [ -d "$art" ] || { echo "refit $name: no $art (run its stage first)" >&2; return 0; }
+    local rc=0
     cli refit "$art" "$d1" "$d2" --to "$w/refit-$name" "${dev[@]}" --force -q "$@" > "$OUT/refit-$name.txt" \
-        || { echo "refit $name: nothing written (rc $?)" >&2; return 0; }
+        2> "$OUT/refit-$name.err" || rc=$?
+    if [ "$rc" != 0 ]; then   # rc 1 with "nothing written": no head kept pooled validation; else an error
+        echo "refit $name: rc $rc: $(tail -1 "$OUT/refit-$name.err")" >&2; return 0
+    fi
     local a tag
     for a in "$art" "$w/refit-$name"; do
         [ "$a" = "$art" ] && tag=before || tag=after
@@ -133,7 +137,7 @@ for stage in "$@"; do
                adapted loso-nih "$w/loso-default/folds/holdout-$nih/model" "$d1" "$nih"
                adapted loso-rsna "$w/loso-default/folds/holdout-$rsna/model" "$d2" "$rsna" ;;
         refit) refitted plain128 "$w/art-plain128"
-               refitted loso-nih "$w/loso-default/folds/holdout-$nih/model" --holdout "$nih" ;;
+               refitted loso-nih "$w/loso-default/folds/holdout-$nih/model" ;;   # its training's held-out source stays out
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -14,6 +14,10 @@ validation accuracy is within `max_drop` of the trained head's. Test images are 
 regression, with its standardisation folded in, becomes the model's `head` (a Linear layer): every other
 weight and statistic is kept, so the new artifact is an ordinary one (safetensors, ONNX, manifest with a
 `refit` record of what was done and the validation figures it was chosen on).
+
+Unlike the paper, which refits on data the network did not train on, the head is refitted on the train
+split, usually the network's own training images, whose features are partly memorised; validation, which
+the network never trained on, is what chooses, and the test split is what tells.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, DataError
-from .export import Artifact, check_destination, parent_record, read_manifest, write_derived_artifact
+from .export import (Artifact, check_destination, parent_record, read_manifest, seen_counts_of,
+                     write_derived_artifact)
 
 BALANCES = ("class-source", "class-then-source")
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
@@ -44,6 +49,8 @@ class RefitResult:
     n_valid: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     held_out: list[str] = field(default_factory=list)
+    held_out_by_model: list[str] = field(default_factory=list)   # of held_out, those the model's training left out
+    valid_seen_in_training: int | None = None   # valid images that were training images of the model (same bytes)
 
 
 def features(pred, paths: Sequence[str], bs: int = 256, workers: int = 4,
@@ -84,9 +91,14 @@ def valid_row(y, p, classes, src, mask) -> dict:
 
     m = compute_metrics(y[mask], p[mask], classes, sources=list(src[mask]), n_boot=0)
     per = dict(sorted(((s, f["balanced_accuracy"]) for s, f in m.per_source.items()), key=lambda t: t[1]))
-    ws = next(iter(per))   # worst first
+    # a source with one class in valid scores that class's recall alone: it would reward a head for calling
+    # everything that class, so it only ranks when no source has two classes
+    ys, ss = y[mask], np.asarray(src[mask])
+    ranked = [s for s in per if len(set(ys[ss == s])) >= 2] or list(per)
+    ws = ranked[0]   # worst first
     return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
-            "pooled_balanced_accuracy": m.balanced_accuracy, "balanced_accuracy_by_source": per}
+            "pooled_balanced_accuracy": m.balanced_accuracy, "balanced_accuracy_by_source": per,
+            "one_class_sources": sorted(set(per) - set(ranked)) if len(ranked) < len(per) else []}
 
 
 def fit_grid(F, y, src, train_items, tr, va, classes, base: dict, *, balances=BALANCES, alphas=ALPHAS, cs=CS,
@@ -139,9 +151,11 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
                    force: bool = False, progress: Callable[[int, int], None] | None = None,
                    on_row: Callable[[dict], None] | None = None) -> RefitResult:
     """Write `to`: the artifact with its last layer refitted on the train images of the labelled roots `data`
-    and chosen on their valid images (see the module's docstring). Sources in `holdout` are kept out of both
-    (a crossval fold's model: its held-out source must not choose). When no head keeps pooled validation
-    accuracy within `max_drop`, nothing is written and the result's artifact is None."""
+    and chosen on their valid images (see the module's docstring), split as the model's training split them
+    (its valid_pct and seed, for roots without a split of their own). Sources in `holdout`, and those the
+    model's training left out (a crossval fold's), are kept out of both. A patient-grouped fold's model is
+    refused. When no head keeps pooled validation accuracy within `max_drop`, nothing is written and the
+    result's artifact is None."""
     import torch
 
     from ..data.discover import discover
@@ -157,7 +171,13 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     for b in balances:
         if b not in BALANCES:
             raise DataError(f"unknown balance {b!r}; use one of {', '.join(BALANCES)}")
-    ds = discover(list(data))
+    tcfg = art.manifest.get("training") or {}
+    if int(tcfg.get("group_folds") or 0):
+        raise DataError("this model is a patient-grouped fold's (crossval --by group): its held-out patients are in "
+                        "the train and valid splits, so a refit would fit on them; refit the pooled model instead")
+    # the model's own held-out sources (a crossval fold's) never fit or choose; the split as training made it
+    by_model = [s for s in tcfg.get("exclude_sources") or [] if s not in holdout]
+    ds = discover(list(data), float(tcfg.get("valid_pct", 0.2)), int(tcfg.get("seed", 0)))
     items = ds.items[ds.items.split.isin(["train", "valid"])]
     unknown = sorted(set(items.label) - set(art.classes))
     if unknown:
@@ -167,7 +187,8 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     if missing:
         raise DataError(f"no train or valid images from source {missing[0]!r} "
                         f"(sources: {', '.join(sorted(set(items.source)))})")
-    items = items[~items.source.isin(list(holdout))].reset_index(drop=True)
+    holdout = [*holdout, *by_model]
+    items = items[~items.source.isin(holdout)].reset_index(drop=True)
     for split in ("train", "valid"):
         have = items[items.split == split]
         lacking = [c for c in art.classes if c not in set(have.label)]
@@ -188,13 +209,14 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
             raise DataError(f"too few readable {name} images: every class needs one ({len(bad)} unreadable)")
 
     with torch.inference_mode():
-        p0 = torch.softmax(pred.model.head(torch.from_numpy(F)), dim=1).numpy()
+        p0 = torch.softmax(pred.model.head(torch.from_numpy(F).to(pred.device)).float(), dim=1).cpu().numpy()
     base = valid_row(y, p0, art.classes, src, va)
     rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=tuple(balances),
                           max_drop=max_drop, progress=on_row)
     skipped = [(paths[i], e) for i, e in bad]
+    hashes = [h for h, _ in hash_files(paths)]
     res = RefitResult(None, base, None if best is None else best[0], rows, int(tr.sum()), int(va.sum()), skipped,
-                      list(holdout))
+                      list(holdout), by_model, seen_counts_of(art.manifest, [hashes[i] for i in np.flatnonzero(va)])[0])
     if best is None:
         return res
     row, lr, scaler = best
@@ -202,7 +224,6 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     state = {k: v.detach().cpu().contiguous() for k, v in pred.model.state_dict().items()}
     state["head.weight"], state["head.bias"] = torch.from_numpy(W), torch.from_numpy(b)
     counts = items[tr].groupby(["source", "label"]).size()
-    hashes = {h for h, _ in hash_files([paths[i] for i in np.flatnonzero(tr | va)])} - {None}
     record = {"method": METHOD, "balance": row["balance"], "alpha": row["alpha"], "C": row["C"],
               "max_drop": max_drop, "held_out_sources": list(holdout), "grid_size": len(rows),
               "train_images": int(tr.sum()), "valid_images": int(va.sum()), "unreadable": len(bad),
@@ -212,7 +233,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
                   "balanced_accuracy_by_source")}},
               "parent": parent_record(art),
               # content hashes of the images the head was fitted and chosen on: `evaluate` says when it scores them
-              "images_sha256": sorted(hashes)}
+              "images_sha256": sorted({hashes[i] for i in np.flatnonzero(tr | va)} - {None})}
     card = (f"Last layer refitted after training (cxr-fastai refit: {row['balance']} weights at alpha "
             f"{row['alpha']}, C {row['C']}), chosen on validation: worst source {row['worst_source']} balanced "
             f"accuracy {base['worst_balanced_accuracy']:.3f} -> {row['worst_balanced_accuracy']:.3f}, pooled "
