@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, DataError
-from .export import (Artifact, check_destination, parent_record, read_manifest, seen_counts_of,
+from .export import (Artifact, check_derived_destination, parent_record, read_manifest, seen_counts_of,
                      write_derived_artifact)
 
 MIN_IMAGES = 32      # BatchNorm statistics from fewer images than this are mostly noise
@@ -131,9 +131,7 @@ def adapt_artifact(artifact: str | Path, inputs: Sequence[str | Path], to: str |
 
     art = read_manifest(artifact)
     dest = Path(to)
-    if dest.resolve() == art.folder.resolve():
-        raise ArtifactError(f"{dest}: is the artifact being adapted; write the adapted model to another --to folder")
-    check_destination(dest, force)
+    check_derived_destination(art, dest, force, "adapted")
     paths, labels = gather(inputs, splits, sources)
     if len(paths) < min_images:
         raise DataError(f"{len(paths)} image(s) given; adapting needs at least {min_images} of the new hospital's "

@@ -371,6 +371,14 @@ def parent_record(art: Artifact) -> dict[str, Any]:
             "adapted": bool(old.get("adaptation")), "refit": bool(old.get("refit"))}
 
 
+def check_derived_destination(art: Artifact, dest: Path, force: bool, verb: str) -> None:
+    """`dest` for an artifact derived from `art` (`adapt`, `refit`): not `art`'s own folder, and free (or
+    `force`), as `check_destination` rules."""
+    if dest.resolve() == art.folder.resolve():
+        raise ArtifactError(f"{dest}: is the artifact being {verb}; write the new model to another --to folder")
+    check_destination(dest, force)
+
+
 def write_derived_artifact(art: Artifact, state: dict, dest: Path, key: str, record: dict[str, Any],
                            card_note: str, trust_pickle: bool) -> dict[str, Any]:
     """Write `dest` atomically: `art` with new weights `state` (model.safetensors, model.onnx, and model.pkl

@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, DataError
-from .export import (Artifact, check_destination, parent_record, read_manifest, seen_counts_of,
+from ..errors import DataError
+from .export import (Artifact, check_derived_destination, parent_record, read_manifest, seen_counts_of,
                      write_derived_artifact)
 
 BALANCES = ("class-source", "class-then-source")
@@ -164,9 +164,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
 
     art = read_manifest(artifact)
     dest = Path(to)
-    if dest.resolve() == art.folder.resolve():
-        raise ArtifactError(f"{dest}: is the artifact being refitted; write the new model to another --to folder")
-    check_destination(dest, force)
+    check_derived_destination(art, dest, force, "refitted")
     balances = tuple(balances or BALANCES)
     for b in balances:
         if b not in BALANCES:
@@ -211,7 +209,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     with torch.inference_mode():
         p0 = torch.softmax(pred.model.head(torch.from_numpy(F).to(pred.device)).float(), dim=1).cpu().numpy()
     base = valid_row(y, p0, art.classes, src, va)
-    rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=tuple(balances),
+    rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=balances,
                           max_drop=max_drop, progress=on_row)
     skipped = [(paths[i], e) for i, e in bad]
     hashes = [h for h, _ in hash_files(paths)]
