@@ -98,7 +98,7 @@ def valid_row(y, p, classes, src, mask) -> dict:
     ws = ranked[0]   # worst first
     return {"worst_source": ws, "worst_balanced_accuracy": per[ws], "pooled_accuracy": m.accuracy,
             "pooled_balanced_accuracy": m.balanced_accuracy, "balanced_accuracy_by_source": per,
-            "one_class_sources": sorted(set(per) - set(ranked)) if len(ranked) < len(per) else []}
+            "one_class_sources": sorted(set(per) - set(ranked))}
 
 
 def fit_grid(F, y, src, train_items, tr, va, classes, base: dict, *, balances=BALANCES, alphas=ALPHAS, cs=CS,
