@@ -1,11 +1,10 @@
 """cxr3-adult with only RSNA's "Normal" films as training controls: a root `train` and `crossval` read as is.
 
 cxr3-adult's NORMAL is RSNA's `Target = 0`, "no lung opacity"; 80% of those films are "No Lung Opacity /
-Not Normal" (effusion, cardiomegaly, lines, nodules...). cxr3's NORMAL films are healthy chests (NIH "No
-Finding", Kermany normals, RSNA "Normal"). Trained on both, the model is told that an abnormal adult film
-without an opacity is NORMAL in one source and sees no such films in the others; the NIH pneumonias of cxr3
-come from text-mined reports, and some of them are films RSNA's readers called "not normal" without an
-opacity (cxr3-adult's README). Cohen et al. (MIDL 2020, "On the limits of cross-domain generalization in
+Not Normal" (effusion, cardiomegaly, lines, nodules...). cxr3's NORMAL films are healthy chests (NIH films
+with no finding, Kermany normals, RSNA "Normal"). Trained on both, the model is told that an abnormal adult
+film without an opacity is NORMAL in one source and sees no such films in the others; the NIH pneumonias of
+cxr3 come from text-mined reports, and RSNA's readers found no opacity in 22 of them (cxr3-adult's README). Cohen et al. (MIDL 2020, "On the limits of cross-domain generalization in
 automated X-ray prediction") found such label disagreement between datasets, not only image shift, to
 limit transfer.
 
