@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from last_layer import default_roots  # the benchmarks' one default for the data roots
+
 MOVED = "nonopacity"
 
 
@@ -47,8 +48,7 @@ def rewrite(rows: list[dict], classes: dict[str, str], splits: set[str]) -> tupl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="folder to create (must not exist)")
-    ap.add_argument("--data", type=Path,
-                    default=Path(os.environ.get("CXR_DATA_ROOT", REPO.parent / "shared" / "data")) / "cxr3-adult")
+    ap.add_argument("--data", type=Path, default=default_roots()[1])
     ap.add_argument("--splits", nargs="+", default=["train"], help="splits whose non-Normal controls move out")
     a = ap.parse_args(argv)
     data = a.data.resolve()
