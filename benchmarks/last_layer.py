@@ -14,11 +14,15 @@ equally weighted. It costs one forward pass over the data instead of a training.
      pooled validation accuracy is within --max-drop of the trained head's;
   4. test figures (bootstrap 95% intervals, per source) of the trained head and the chosen one;
   5. a diagnostic: per test source, the best accuracy any threshold on the trained head's P(PNEUMONIA)
-     reaches, chosen on those very images (an oracle: the ceiling of re-thresholding, never a recipe).
+     reaches, chosen on those very images (an oracle: the ceiling of re-thresholding, never a recipe);
+  6. with --frontier, a second diagnostic: every head of the grid scored on test (each root's accuracy, each
+     source's accuracy and per-class hits), to see what trade the features allow at all. Reading test for
+     every head is an oracle's view: it shows a frontier, it never chooses.
 
     python benchmarks/last_layer.py ARTIFACT [DATA ...] [--features F.npz] [--max-drop 0.01] [--json OUT]
                                     [--no-grid]   # 1, 4 (trained head) and 5 only
                                     [--holdout SOURCE]  # a crossval fold's model: SOURCE neither fits nor chooses
+                                    [--frontier]  # 6: every head scored on test (a diagnostic)
 
 DATA defaults to cxr3 and cxr3-adult beside the repository ($CXR_DATA_ROOT for their parent folder).
 --features keeps the features between runs (an .npz; recomputed when its items differ). Nothing else is
@@ -96,6 +100,35 @@ def test_by_root(name, y, p, classes, src, paths, mask, roots) -> dict:
     return per_root
 
 
+def test_row(y, p, classes, src, paths, mask, roots) -> dict:
+    """One head's test figures without intervals: each root's accuracy, and each source's accuracy and per-class
+    hits (correct of support)."""
+    hit = p.argmax(1) == y
+    out = {"roots": {}, "sources": {}}
+    for root in roots:
+        m = mask & paths.str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
+        if m.any():
+            out["roots"][Path(root).name] = {"n": int(m.sum()), "accuracy": float(hit[m].mean())}
+    for so in np.unique(src[mask]):
+        m = mask & (src == so)
+        out["sources"][str(so)] = {"n": int(m.sum()), "correct": int(hit[m].sum()), "classes": {
+            c: [int((hit & m & (y == k)).sum()), int((m & (y == k)).sum())]
+            for k, c in enumerate(classes) if (m & (y == k)).any()}}
+    return out
+
+
+def show_frontier(rows: list[dict]) -> None:
+    """Every head's test row, one line each, in the grid's order."""
+    print("frontier (every head scored on test; an oracle's view, never a choice):")
+    for r in rows:
+        t = r["test"]
+        roots = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in t["roots"].items())
+        srcs = "; ".join(f"{s} {v['correct']}/{v['n']} (" + ", ".join(f"{c} {h}/{n}" for c, (h, n) in v["classes"].items()) + ")"
+                         for s, v in t["sources"].items())
+        print(f"  {r['balance']:17s} a {r['alpha']:<4} C {r['C']:<6} valid worst {r['worst_balanced_accuracy']:.3f} "
+              f"pooled {r['pooled_accuracy']:.3f} | test {roots} | {srcs}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
@@ -108,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", action="append", default=[], metavar="SOURCE",
                     help="a source the model never trained on (a crossval fold's): its train and valid images are kept "
                          "out of the re-fit and the choice, its test images are scored (repeatable)")
+    ap.add_argument("--frontier", action="store_true",
+                    help="also score every head of the grid on test (a diagnostic of the trade the features allow)")
     a = ap.parse_args(argv)
 
     import torch
@@ -154,8 +189,16 @@ def main(argv=None) -> int:
               f"{row['worst_balanced_accuracy']:.3f}  pooled {row['pooled_accuracy']:.3f}"
               f"{'' if row['allowed'] else '  (drops more than --max-drop)'}", flush=True)
 
+    paths_s = items.path.astype(str)
+
+    def on_fit(row, proba):
+        row["test"] = test_row(y, proba, art.classes, src, paths_s, te, roots)
+
     rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=() if a.no_grid else BALANCES,
-                          max_drop=a.max_drop, progress=show)
+                          max_drop=a.max_drop, progress=show, on_fit=on_fit if a.frontier else None)
+    if a.frontier and rows:
+        show_frontier([{"balance": "trained head", "alpha": "-", "C": "-", **base,
+                        "test": test_row(y, p0, art.classes, src, paths_s, te, roots)}] + rows)
     if best is not None:
         best = (best[0], best[1].predict_proba(best[2].transform(F)))
     result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "valid_trained_head": base, "grid": rows}
@@ -169,7 +212,6 @@ def main(argv=None) -> int:
     for name, row in [("trained head", base)] + ([("chosen head", best[0])] if best else []):
         print(f"valid by source, {name}: " + ", ".join(f"{s} {v:.3f}" for s, v in row["balanced_accuracy_by_source"].items()))
     result["test"] = {}
-    paths_s = items.path.astype(str)
     for name, p in heads:
         result["test"][name] = test_by_root(name, y, p, art.classes, src, paths_s, te, roots)
     if "PNEUMONIA" in art.classes:

@@ -295,3 +295,44 @@ def test_cli_warns_when_the_valid_split_holds_the_models_training_images(tiny_mo
     res = cli("refit", tiny_model.art, swapped, "--to", tmp_path / "out", "--max-drop", "1", "--balance", "class-source", "-q")
     assert res.exit_code == 0, res.output
     assert f"{n_valid} of the {n_valid} valid images are training images of this model" in res.stderr
+
+
+def test_the_on_fit_hook_sees_each_heads_probabilities_and_changes_no_choice():
+    from cxr_fastai.artifact.refit import fit_grid, valid_row
+
+    rng = np.random.default_rng(5)
+    n, classes = 180, ["A", "B", "C"]
+    y = np.arange(n) % 3
+    src = np.array(["s1", "s2"])[(np.arange(n) // 3) % 2]
+    F = rng.normal(size=(n, 5))
+    F[:, 0] += y
+    tr, va = np.arange(n) < 120, np.arange(n) >= 120
+    train = pd.DataFrame({"label": np.array(classes)[y[tr]], "source": src[tr]})
+    seen: list[tuple[dict, np.ndarray]] = []
+    rows, best = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.5},
+                          on_fit=lambda row, p: seen.append((row, p)))
+    rows0, best0 = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.5})
+    assert [r for r, _ in seen] == rows == rows0 and best[0] == best0[0]
+    for row, p in seen:   # the probabilities are the head's, for every row of F
+        assert p.shape == (n, 3)
+        assert valid_row(y, p, classes, src, va)["pooled_accuracy"] == pytest.approx(row["pooled_accuracy"])
+
+
+def test_last_layer_benchmark_frontier_scores_every_head_on_test(tiny_model, roots, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("last_layer", Path(__file__).resolve().parents[1] / "benchmarks" / "last_layer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ll.json"
+    assert mod.main([str(tiny_model.art), *map(str, roots), "--frontier", "--max-drop", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    test = _items(roots, "test")
+    assert len(r["grid"]) == 32 and r["chosen"] == max(r["grid"], key=lambda g: g["worst_balanced_accuracy"])
+    for g in r["grid"]:
+        t = g["test"]
+        assert {k: v["n"] for k, v in t["roots"].items()} == {Path(x).name: int((test.path.astype(str).str.startswith(str(x))).sum()) for x in roots}
+        assert {k: v["n"] for k, v in t["sources"].items()} == test.source.value_counts().to_dict()
+        for v in t["sources"].values():
+            assert sum(h for h, _ in v["classes"].values()) == v["correct"] <= v["n"]
+            assert sum(k for _, k in v["classes"].values()) == v["n"]

@@ -102,10 +102,12 @@ def valid_row(y, p, classes, src, mask) -> dict:
 
 
 def fit_grid(F, y, src, train_items, tr, va, classes, base: dict, *, balances=BALANCES, alphas=ALPHAS, cs=CS,
-             max_drop: float = 0.01, progress: Callable[[dict], None] | None = None):
+             max_drop: float = 0.01, progress: Callable[[dict], None] | None = None,
+             on_fit: Callable[[dict, np.ndarray], None] | None = None):
     """Every head of the grid fitted on the `tr` rows, scored on the `va` rows. Returns (rows, best), best =
     (row, fitted regression, scaler) of the highest worst-source balanced accuracy among the heads whose pooled
-    validation accuracy is within `max_drop` of `base`'s (ties: the earlier head), or None."""
+    validation accuracy is within `max_drop` of `base`'s (ties: the earlier head), or None. `on_fit(row, proba)`
+    gets each head's probabilities for every row of `F` (a diagnostic's hook; the choice never sees it)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -121,12 +123,14 @@ def fit_grid(F, y, src, train_items, tr, va, classes, base: dict, *, balances=BA
             w *= len(w) / w.sum()
             for C in cs:
                 lr = LogisticRegression(C=C, max_iter=3000).fit(Z[tr], y[tr], sample_weight=w)
-                row = {"balance": balance, "alpha": alpha, "C": C,
-                       **valid_row(y, lr.predict_proba(Z), classes, src, va)}
+                proba = lr.predict_proba(Z)
+                row = {"balance": balance, "alpha": alpha, "C": C, **valid_row(y, proba, classes, src, va)}
                 row["allowed"] = row["pooled_accuracy"] >= base["pooled_accuracy"] - max_drop
                 rows.append(row)
                 if progress:
                     progress(row)
+                if on_fit:
+                    on_fit(row, proba)
                 if row["allowed"] and (best is None or row["worst_balanced_accuracy"] > best[0]["worst_balanced_accuracy"]):
                     best = (row, lr, scaler)
     return rows, best
