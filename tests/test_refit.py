@@ -210,18 +210,24 @@ def test_cli_says_when_no_head_is_allowed_and_exits_1(tiny_model, roots, tmp_pat
     assert "trained head: valid worst source" in res.stdout and not (tmp_path / "none").exists()
 
 
-def test_the_choice_keeps_to_heads_within_max_drop_and_ranks_only_two_class_sources():
-    from cxr_fastai.artifact.refit import fit_grid, valid_row
-
-    rng = np.random.default_rng(3)
-    n, classes = 240, ["A", "B", "C"]
+def _two_source_features(seed: int, n: int):
+    """Features of n items, 3 classes over two sources with a class-by-source shortcut; the first two thirds train."""
+    rng = np.random.default_rng(seed)
+    classes = ["A", "B", "C"]
     y = np.arange(n) % 3
     src = np.array(["s1", "s2"])[(np.arange(n) // 3) % 2]
     F = rng.normal(size=(n, 6))
     F[:, 0] += y * 0.8
     F[:, 1] += (src == "s2") * 1.5 + (y == 2) * (src == "s1") * 1.0   # a class-by-source shortcut
-    tr, va = np.arange(n) < 160, np.arange(n) >= 160
+    tr = np.arange(n) < n * 2 // 3
     train = pd.DataFrame({"label": np.array(classes)[y[tr]], "source": src[tr]})
+    return F, y, src, tr, ~tr, train, classes
+
+
+def test_the_choice_keeps_to_heads_within_max_drop_and_ranks_only_two_class_sources():
+    from cxr_fastai.artifact.refit import fit_grid, valid_row
+
+    F, y, src, tr, va, train, classes = _two_source_features(3, 240)
     rows, _ = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.0})
     pooled = sorted(r["pooled_accuracy"] for r in rows)
     bar = pooled[len(pooled) // 2]                      # half the heads fall below it
@@ -300,18 +306,12 @@ def test_cli_warns_when_the_valid_split_holds_the_models_training_images(tiny_mo
 def test_the_on_fit_hook_sees_each_heads_probabilities_and_changes_no_choice():
     from cxr_fastai.artifact.refit import fit_grid, valid_row
 
-    rng = np.random.default_rng(5)
-    n, classes = 180, ["A", "B", "C"]
-    y = np.arange(n) % 3
-    src = np.array(["s1", "s2"])[(np.arange(n) // 3) % 2]
-    F = rng.normal(size=(n, 5))
-    F[:, 0] += y
-    tr, va = np.arange(n) < 120, np.arange(n) >= 120
-    train = pd.DataFrame({"label": np.array(classes)[y[tr]], "source": src[tr]})
+    n = 180
+    F, y, src, tr, va, train, classes = _two_source_features(5, n)
     seen: list[tuple[dict, np.ndarray]] = []
-    rows, best = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.5},
+    rows, best = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.0},
                           on_fit=lambda row, p: seen.append((row, p)))
-    rows0, best0 = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.5})
+    rows0, best0 = fit_grid(F, y, src, train, tr, va, classes, {"pooled_accuracy": 0.0})
     assert [r for r, _ in seen] == rows == rows0 and best[0] == best0[0]
     for row, p in seen:   # the probabilities are the head's, for every row of F
         assert p.shape == (n, 3)
