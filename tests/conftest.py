@@ -46,6 +46,16 @@ def cxr3_root() -> Path:
     return root
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package; each is imported from its file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_slice(root: Path, dest: Path, per: dict[str, int], seed: int = 0) -> Path:
     """Copy a class-balanced slice of cxr3 (labels.csv layout, same columns) into dest."""
     df = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)

@@ -2,22 +2,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from conftest import load_benchmark
 from cxr_fastai.data.discover import discover
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("adult_controls", REPO / "benchmarks" / "adult_controls.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # (split, label, RSNA class; "" = unknown)
@@ -49,7 +40,7 @@ def _fake_adult(root: Path) -> Path:
 def test_only_normal_controls_stay_in_training_and_the_rest_is_unchanged(tmp_path, capsys):
     data = _fake_adult(tmp_path / "cxr3-adult")
     out = tmp_path / "adult-normal-controls"
-    assert _script().main([str(out), "--data", str(data)]) == 0
+    assert load_benchmark("adult_controls").main([str(out), "--data", str(data)]) == 0
     assert "2 NORMAL row(s) of train moved to split 'nonopacity'" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["img", "labels.csv"] and (out / "img").is_symlink()
 
@@ -69,7 +60,7 @@ def test_only_normal_controls_stay_in_training_and_the_rest_is_unchanged(tmp_pat
 
 
 def test_splits_option_and_refusals(tmp_path, capsys):
-    mod = _script()
+    mod = load_benchmark("adult_controls")
     data = _fake_adult(tmp_path / "cxr3-adult")
     out = tmp_path / "o"
     assert mod.main([str(out), "--data", str(data), "--splits", "train", "test"]) == 0

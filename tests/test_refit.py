@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import cli, synthetic_source
+from conftest import cli, load_benchmark, synthetic_source
 
 COUNTS = {"train": 10, "valid": 4, "test": 3}
 
@@ -319,11 +319,7 @@ def test_the_on_fit_hook_sees_each_heads_probabilities_and_changes_no_choice():
 
 
 def test_last_layer_benchmark_frontier_scores_every_head_on_test(tiny_model, roots, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("last_layer", Path(__file__).resolve().parents[1] / "benchmarks" / "last_layer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("last_layer")
     out = tmp_path / "ll.json"
     assert mod.main([str(tiny_model.art), *map(str, roots), "--frontier", "--max-drop", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
