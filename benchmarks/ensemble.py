@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from last_layer import default_roots, test_by_root, valid_row
+from last_layer import default_roots, root_rows, test_by_root, valid_row
 
 
 def member_probs(artifact: Path, paths: list[str], classes: list[str], cache: Path | None) -> np.ndarray:
@@ -119,10 +119,10 @@ def main(argv=None) -> int:
     result = {"data": [str(r) for r in roots], "members": [str(p) for p in a.artifacts], "valid": rows,
               "chosen": rows[best]["members"], "test": {}}
     show = range(len(candidates)) if a.all_test else sorted({0, best})
-    paths_s = items.path.astype(str)
+    te_roots = root_rows(items.path.astype(str), roots, te)
     for j in show:
         c, p = candidates[j]
-        result["test"][label(c)] = test_by_root(label(c), y, p, classes, src, paths_s, te, roots)
+        result["test"][label(c)] = test_by_root(label(c), y, p, classes, src, te_roots)
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -79,15 +79,21 @@ def summary(m) -> dict:
             "per_source": d["per_source"]}
 
 
-def test_by_root(name, y, p, classes, src, paths, mask, roots) -> dict:
-    """Test figures (bootstrap intervals, per source) for each root's `mask` rows, printed and returned."""
-    from cxr_fastai.metrics import compute_metrics
-
-    per_root = {}
+def root_rows(paths, roots, mask) -> dict[str, np.ndarray]:
+    """Each root's folder name and its `mask` rows (those whose path lies under it), for the roots that have any."""
+    out = {}
     for root in roots:
         m = mask & paths.str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
         if m.any():
-            per_root[Path(root).name] = summary(compute_metrics(y[m], p[m], classes, sources=src[m].tolist()))
+            out[Path(root).name] = m
+    return out
+
+
+def test_by_root(name, y, p, classes, src, by_root: dict[str, np.ndarray]) -> dict:
+    """Test figures (bootstrap intervals, per source) for each root's rows (`root_rows`), printed and returned."""
+    from cxr_fastai.metrics import compute_metrics
+
+    per_root = {root: summary(compute_metrics(y[m], p[m], classes, sources=src[m].tolist())) for root, m in by_root.items()}
     print(f"test, {name}:")
     for root, s in per_root.items():
         lo, hi = s["accuracy_ci95"]
@@ -100,15 +106,12 @@ def test_by_root(name, y, p, classes, src, paths, mask, roots) -> dict:
     return per_root
 
 
-def test_row(y, p, classes, src, paths, mask, roots) -> dict:
-    """One head's test figures without intervals: each root's accuracy, and each source's accuracy and per-class
-    hits (correct of support)."""
+def test_row(y, p, classes, src, by_root: dict[str, np.ndarray], mask) -> dict:
+    """One head's test figures without intervals: each root's accuracy (`root_rows`), and each source's accuracy
+    and per-class hits (correct of support) over the `mask` rows."""
     hit = p.argmax(1) == y
-    out = {"roots": {}, "sources": {}}
-    for root in roots:
-        m = mask & paths.str.startswith(str(Path(root).resolve()) + os.sep).to_numpy()
-        if m.any():
-            out["roots"][Path(root).name] = {"n": int(m.sum()), "accuracy": float(hit[m].mean())}
+    out = {"roots": {root: {"n": int(m.sum()), "accuracy": float(hit[m].mean())} for root, m in by_root.items()},
+           "sources": {}}
     for so in np.unique(src[mask]):
         m = mask & (src == so)
         out["sources"][str(so)] = {"n": int(m.sum()), "correct": int(hit[m].sum()), "classes": {
@@ -189,16 +192,16 @@ def main(argv=None) -> int:
               f"{row['worst_balanced_accuracy']:.3f}  pooled {row['pooled_accuracy']:.3f}"
               f"{'' if row['allowed'] else '  (drops more than --max-drop)'}", flush=True)
 
-    paths_s = items.path.astype(str)
+    te_roots = root_rows(items.path.astype(str), roots, te)
 
     def on_fit(row, proba):
-        row["test"] = test_row(y, proba, art.classes, src, paths_s, te, roots)
+        row["test"] = test_row(y, proba, art.classes, src, te_roots, te)
 
     rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=() if a.no_grid else BALANCES,
                           max_drop=a.max_drop, progress=show, on_fit=on_fit if a.frontier else None)
     if a.frontier and rows:
         show_frontier([{"balance": "trained head", "alpha": "-", "C": "-", **base,
-                        "test": test_row(y, p0, art.classes, src, paths_s, te, roots)}] + rows)
+                        "test": test_row(y, p0, art.classes, src, te_roots, te)}] + rows)
     if best is not None:
         best = (best[0], best[1].predict_proba(best[2].transform(F)))
     result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "valid_trained_head": base, "grid": rows}
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
         print(f"valid by source, {name}: " + ", ".join(f"{s} {v:.3f}" for s, v in row["balanced_accuracy_by_source"].items()))
     result["test"] = {}
     for name, p in heads:
-        result["test"][name] = test_by_root(name, y, p, art.classes, src, paths_s, te, roots)
+        result["test"][name] = test_by_root(name, y, p, art.classes, src, te_roots)
     if "PNEUMONIA" in art.classes:
         k = art.classes.index("PNEUMONIA")
         result["oracle"] = {}
