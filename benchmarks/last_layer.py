@@ -42,7 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxr_fastai.artifact.refit import BALANCES, fit_grid, valid_row  # noqa: E402,F401  (valid_row: ensemble.py)
+from cxr_fastai.artifact.refit import BALANCES, fit_grid, stack_crops, valid_row  # noqa: E402,F401  (valid_row: ensemble.py)
+from cxr_fastai.config import REFIT_DRAWS  # noqa: E402
 
 
 def default_roots() -> list[Path]:
@@ -132,6 +133,18 @@ def show_frontier(rows: list[dict]) -> None:
               f"pooled {r['pooled_accuracy']:.3f} | test {roots} | {srcs}")
 
 
+def crops(pred, paths: list[str], draws: int, min_scale: float, seed: int, bs: int = 256, workers: int = 2) -> np.ndarray:
+    """`draws` training crops of every path (the library's `refit.crop_features`), with progress; an unreadable image stops it."""
+    from cxr_fastai.artifact.refit import crop_features
+
+    t0 = time.time()
+    C, bad = crop_features(pred, paths, draws, min_scale, seed, bs=bs, workers=workers, progress=lambda d, n: print(
+        f"  crops {d}/{n} ({d / (time.time() - t0):.0f} img/s)", file=sys.stderr, flush=True))
+    if bad:
+        raise SystemExit(f"{paths[bad[0][0]]}: {bad[0][1]}")
+    return C
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
@@ -144,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", action="append", default=[], metavar="SOURCE",
                     help="a source the model never trained on (a crossval fold's): its train and valid images are kept "
                          "out of the re-fit and the choice, its test images are scored (repeatable)")
+    ap.add_argument("--draws", type=int, default=REFIT_DRAWS,
+                    help="fit on this many training crops of each train image, as `cxr-fastai refit` does (0: the images themselves)")
     ap.add_argument("--frontier", action="store_true",
                     help="also score every head of the grid on test (a diagnostic of the trade the features allow)")
     a = ap.parse_args(argv)
@@ -164,23 +179,44 @@ def main(argv=None) -> int:
     items = items[items.split.isin(["train", "valid", "test"]) & items.label.isin(art.classes)].reset_index(drop=True)
     paths = items.path.astype(str).tolist()
 
-    cached = np.load(a.features) if a.features and a.features.is_file() else None
-    if cached is not None and cached["paths"].tolist() == paths:
+    cached = dict(np.load(a.features)) if a.features and a.features.is_file() else None
+    if cached is not None and cached["paths"].tolist() != paths:
+        cached = None   # another model's or data's features: recomputed
+    if cached is not None:
         F = cached["feats"]
     else:
         t0 = time.time()
         F = features(pred, paths)
         print(f"features: {len(paths)} images in {time.time() - t0:.0f} s", file=sys.stderr)
+        cached = {"feats": F, "paths": np.array(paths)}
         if a.features:
-            np.savez(a.features, feats=F, paths=np.array(paths))
+            np.savez(a.features, **cached)
 
+    n_held = int(items.source.isin(a.holdout).sum())
+    rows_of = np.arange(len(items))   # the item behind each row of F
+    if a.draws:   # the train rows become `draws` training crops of each train image (refit's own features)
+        ti = np.flatnonzero((items.split == "train").to_numpy())
+        key = f"crops{a.draws}"
+        if key in cached:
+            C = cached[key]
+        else:
+            t0 = time.time()
+            C = crops(pred, [paths[i] for i in ti], a.draws, float(art.manifest.get("training", {}).get("min_scale", 0.6)),
+                      int(art.manifest.get("training", {}).get("seed", 0)))
+            print(f"crops: {a.draws} of {len(ti)} train images in {time.time() - t0:.0f} s", file=sys.stderr)
+            cached[key] = C
+            if a.features:
+                np.savez(a.features, **cached)
+        rest = np.setdiff1d(rows_of, ti)
+        F, rows_of = stack_crops(C, ti, F[rest], rest)
+    items = items.iloc[rows_of].reset_index(drop=True)
     y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
     src = items.source.astype(str).to_numpy()
     seen = ~items.source.isin(a.holdout).to_numpy()
     tr, va, te = ((items.split == s).to_numpy() for s in ("train", "valid", "test"))
     tr, va = tr & seen, va & seen
     if a.holdout:
-        print(f"held out of the re-fit and the choice: {', '.join(a.holdout)} ({int((~seen).sum())} images; its test images are scored)")
+        print(f"held out of the re-fit and the choice: {', '.join(a.holdout)} ({n_held} images; its test images are scored)")
     with torch.inference_mode():
         p0 = torch.softmax(model.head(torch.from_numpy(F)), dim=1).numpy()
 

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .config import AUGMENT, BALANCE, CONTRAST, MIXUP_PAIRS, AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
+from .config import AUGMENT, BALANCE, CONTRAST, MIXUP_PAIRS, REFIT_DRAWS, AuditConfig, BenchConfig, DemoConfig, EvalConfig, InterpretConfig, PredictConfig, TrainConfig
 from .errors import CxrError
 
 app = typer.Typer(
@@ -471,6 +471,7 @@ def refit(
     balance: List[RefitBalance] = typer.Option([], "--balance", help="Weightings to try (repeatable; default both): every class x source stratum alike (class-source), or every class and within it every source alike (class-then-source), each raised to alpha 0.25-1."),
     max_drop: float = typer.Option(0.01, "--max-drop", min=0.0, max=1.0, help="Pooled validation accuracy a head may lose against the trained head's and still be chosen."),
     holdout: List[str] = typer.Option([], "--holdout", help="A source kept out of the fit and the choice (repeatable): a crossval fold's held-out source."),
+    draws: int = typer.Option(REFIT_DRAWS, "--draws", min=0, max=64, help="Fit the head on this many training crops of each train image (the crop training used) instead of the whole images, whose features the network partly memorised; 0: the whole images."),
     bs: int = typer.Option(256, "--bs", min=1, max=8192, help="Images per forward pass."),
     workers: int = typer.Option(PredictConfig.workers, min=1, max=64, help="Decoding threads."),
     trust_pickle: bool = DERIVED["trust_pickle"],
@@ -496,7 +497,7 @@ def refit(
     with _errors():
         _trust_pickle_warning(trust_pickle)
         res = refit_artifact(artifact, data, to, balances=[b.value for b in balance] or None, max_drop=max_drop,
-                             holdout=holdout, bs=bs, workers=workers, device=device.value,
+                             holdout=holdout, draws=draws, bs=bs, workers=workers, device=device.value,
                              trust_pickle=trust_pickle, force=force, progress=None if quiet else progress,
                              on_row=None if quiet else on_row)
     if res.skipped:

@@ -13,6 +13,8 @@ AUGMENT = ("none", "light", "texture")
 CONTRAST = ("none", "equalize")
 MAX_CROP_BORDER = 0.25  # --crop-border: the most cut from each edge (half the height and width stay)
 MIXUP_PAIRS = ("random", "lisa")
+REFIT_DRAWS = 0   # refit: training crops of each train image the head is fitted on (0: the images themselves;
+                  # 2 kept cxr3 test better but tied on validation and on the NIH fold: docs/generalisation.md)
 RUNTIMES = ("torch", "onnx")    # predict/evaluate: the safetensors weights in PyTorch | model.onnx in onnxruntime
 
 # fastai's Adam defaults, used whichever optimizer class runs them (train, and the bench's plain loop)

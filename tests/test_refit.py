@@ -74,7 +74,7 @@ def test_refit_writes_the_chosen_regression_as_the_head_and_keeps_every_other_we
     rows_seen: list[dict] = []
     from cxr_fastai.artifact.refit import refit_artifact
 
-    res = refit_artifact(tiny_model.art, roots, out, max_drop=1.0, workers=2, on_row=rows_seen.append)
+    res = refit_artifact(tiny_model.art, roots, out, max_drop=1.0, workers=2, draws=0, on_row=rows_seen.append)
     assert res.artifact is not None and not res.skipped and res.held_out == []
     train, valid = _items(roots, "train"), _items(roots, "valid")
     assert (res.n_train, res.n_valid) == (len(train), len(valid))
@@ -140,13 +140,15 @@ def test_holdout_sources_neither_fit_nor_choose_and_test_is_never_read(tiny_mode
     import cxr_fastai.artifact.refit as refit
 
     read: list[str] = []
-    real = refit.features
 
-    def spy(pred, paths, **kw):
-        read.extend(paths)
-        return real(pred, paths, **kw)
+    def spy(real):
+        def f(pred, paths, *a, **kw):
+            read.extend(paths)
+            return real(pred, paths, *a, **kw)
+        return f
 
-    monkeypatch.setattr(refit, "features", spy)
+    monkeypatch.setattr(refit, "features", spy(refit.features))
+    monkeypatch.setattr(refit, "crop_features", spy(refit.crop_features))
     res = refit.refit_artifact(tiny_model.art, roots, tmp_path / "fold", holdout=["site_b"], max_drop=1.0, workers=1)
     a_train, a_valid = (_items(roots[:1], s) for s in ("train", "valid"))
     assert sorted(read) == sorted(map(str, list(a_train.path) + list(a_valid.path)))
@@ -154,6 +156,83 @@ def test_holdout_sources_neither_fit_nor_choose_and_test_is_never_read(tiny_mode
     assert all(set(r["balanced_accuracy_by_source"]) == {"site_a"} for r in res.grid)
     rec = res.artifact.manifest["refit"]
     assert rec["held_out_sources"] == ["site_b"] and all(k.startswith("site_a/") for k in rec["train_counts"])
+
+
+def test_crops_are_the_training_crop_of_what_predict_reads_seeded_and_streamed(tiny_model, roots, tmp_path):
+    from cxr_fastai.artifact.export import read_manifest
+    from cxr_fastai.artifact.predict import Predictor
+    from cxr_fastai.artifact.refit import crop_features, features
+    from cxr_fastai.data.augment import random_resized_crop
+    from cxr_fastai.io.images import read_grey, read_step, squash
+
+    pred = Predictor(read_manifest(tiny_model.art))
+    art = pred.art
+    paths = _items(roots, "train").path.astype(str).tolist()[:7]
+    F, bad = crop_features(pred, paths, 3, 0.6, seed=5, bs=4, workers=2)
+    assert bad == [] and F.shape == (3, 7, pred.model.head.in_features)
+    # seeded: the same crops again, whatever the batch size; another seed, other crops; each draw its own crop
+    np.testing.assert_allclose(crop_features(pred, paths, 3, 0.6, seed=5, bs=3, workers=1)[0], F, atol=1e-5)
+    assert not np.allclose(crop_features(pred, paths, 3, 0.6, seed=6, bs=4, workers=1)[0], F, atol=1e-3)
+    assert not np.allclose(F[0], F[1], atol=1e-3)
+    # the crops are what training does to the cached image: the image as predict reads it, squashed to the cache
+    # side, cut by random_resized_crop with the seed's draws (all drawn first, draw by image), normalised
+    import torch
+    u = torch.rand((3, 7, 4), generator=torch.Generator().manual_seed(5))
+    x = torch.from_numpy(np.stack([squash(read_step(read_grey(p), art.contrast, art.crop_border), art.cache_side)
+                                   for p in paths[:4]]))[:, None].float() / 255
+    for k in range(3):
+        xk = (random_resized_crop(x, art.size, 0.6, u[k, :4]) - art.mean) / art.std
+        with torch.inference_mode():
+            np.testing.assert_allclose(F[k, :4], pred.model.embed(xk).numpy(), atol=1e-5)
+    # a flat image stays flat under any crop: its features are predict's own
+    from PIL import Image
+    Image.fromarray(np.full((40, 30), 90, np.uint8)).save(tmp_path / "flat.png")
+    Fc, _ = crop_features(pred, [str(tmp_path / "flat.png")], 2, 0.6, workers=1)
+    Fp, _ = features(pred, [str(tmp_path / "flat.png")], workers=1)
+    np.testing.assert_allclose(Fc[0], Fp, atol=1e-4)
+    np.testing.assert_allclose(Fc[1], Fp, atol=1e-4)
+
+
+def test_with_draws_the_head_is_the_regression_on_the_training_crops(tiny_model, roots, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from cxr_fastai.artifact.export import read_manifest
+    from cxr_fastai.artifact.predict import Predictor
+    from cxr_fastai.artifact.refit import crop_features, features, refit_artifact
+    from cxr_fastai.data.loaders import sampling_weights
+    from cxr_fastai.io.images import read_grey
+
+    res = refit_artifact(tiny_model.art, roots, tmp_path / "rf", max_drop=1.0, draws=2, balances=["class-source"],
+                         workers=1)
+    train, valid = _items(roots, "train"), _items(roots, "valid")
+    assert (res.n_train, res.n_valid) == (len(train), len(valid)) and len(res.grid) == 16
+    old_art = read_manifest(tiny_model.art)
+    rec = res.artifact.manifest["refit"]
+    assert rec["train_images"] == len(train) and sum(rec["train_counts"].values()) == len(train)
+    assert rec["train_features"].startswith("2 training crops per image")
+    assert len(rec["images_sha256"]) == len(train) + len(valid)
+    # fitted again by hand: the two draws of every train image (seeded by the training's seed), valid as predict reads it
+    pred = Predictor(old_art)
+    min_scale, seed = old_art.manifest["training"]["min_scale"], old_art.manifest["training"]["seed"]
+    Fc, _ = crop_features(pred, train.path.astype(str).tolist(), 2, min_scale, seed, workers=1)
+    F_va, _ = features(pred, valid.path.astype(str).tolist(), workers=1)
+    ytr = np.tile(train.label.map({c: i for i, c in enumerate(old_art.classes)}).to_numpy(), 2)
+    best = res.chosen
+    w = np.tile(sampling_weights(train, best["balance"]), 2) ** best["alpha"]
+    X = Fc.reshape(-1, Fc.shape[-1])
+    sc = StandardScaler().fit(X)
+    lr = LogisticRegression(C=best["C"], max_iter=3000).fit(sc.transform(X), ytr, sample_weight=w * len(w) / w.sum())
+    got = Predictor(res.artifact).probs([read_grey(str(p)) for p in valid.path])
+    np.testing.assert_allclose(got, lr.predict_proba(sc.transform(F_va)), atol=1e-4)
+    # and it is not the head fitted on the images themselves
+    plain = refit_artifact(tiny_model.art, roots, tmp_path / "rf0", max_drop=1.0, draws=0, balances=["class-source"],
+                           workers=1)
+    assert plain.artifact.manifest["refit"]["train_features"] == "each image as predict reads it"
+    assert not np.allclose(Predictor(plain.artifact).probs([read_grey(str(p)) for p in valid.path]), got, atol=1e-3)
+    from cxr_fastai.errors import DataError
+    with pytest.raises(DataError, match="draws must be 0"):
+        refit_artifact(tiny_model.art, roots, tmp_path / "neg", draws=-1)
 
 
 def test_no_head_within_max_drop_writes_nothing(tiny_model, roots, tmp_path):
@@ -169,11 +248,13 @@ def test_cli_refit_and_its_one_line_errors(tiny_model, roots, tmp_path):
     from test_onnx import one_line_error, ok
 
     out = tmp_path / "refit"
-    res = ok(cli("refit", tiny_model.art, *roots, "--to", out, "--max-drop", "1", "--balance", "class-then-source"))
+    res = ok(cli("refit", tiny_model.art, *roots, "--to", out, "--max-drop", "1", "--balance", "class-then-source",
+                 "--draws", "2"))
     assert "chosen on validation: class-then-source" in res.stdout and "trained head: valid worst source" in res.stdout
     assert res.stderr.count("refit: class-then-source alpha") == 16 and "refit: features of" in res.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["refit"]["balance"] == "class-then-source" and m["refit"]["grid_size"] == 16
+    assert m["refit"]["train_features"].startswith("2 training crops per image")
     ok(cli("evaluate", out, *roots, "--split", "test"))   # a refitted model is scored like any other
     from fastapi.testclient import TestClient
 
@@ -248,7 +329,8 @@ def test_the_choice_keeps_to_heads_within_max_drop_and_ranks_only_two_class_sour
     assert row["one_class_sources"] == ["one"]
 
 
-def test_unreadable_images_are_left_out_and_said(tiny_model, tmp_path):
+@pytest.mark.parametrize("draws", [0, 2])
+def test_unreadable_images_are_left_out_and_said(tiny_model, tmp_path, draws):
     from cxr_fastai.artifact.refit import refit_artifact
 
     root = synthetic_source(tmp_path / "site_x", "site_x", 5, COUNTS)
@@ -258,7 +340,8 @@ def test_unreadable_images_are_left_out_and_said(tiny_model, tmp_path):
     (root / "train" / "broken.png").write_bytes(b"not an image")
     pd.concat([df, bad]).to_csv(root / "labels.csv", index=False)
     n_train, n_valid = int((df.split == "train").sum()), int((df.split == "valid").sum())
-    res = refit_artifact(tiny_model.art, [root], tmp_path / "out", max_drop=1.0, balances=["class-source"], workers=1)
+    res = refit_artifact(tiny_model.art, [root], tmp_path / "out", max_drop=1.0, balances=["class-source"], workers=1,
+                         draws=draws)
     assert len(res.skipped) == 1 and res.skipped[0][0].endswith("broken.png")
     assert (res.n_train, res.n_valid) == (n_train, n_valid)
     rec = res.artifact.manifest["refit"]
@@ -332,3 +415,22 @@ def test_last_layer_benchmark_frontier_scores_every_head_on_test(tiny_model, roo
         for v in t["sources"].values():
             assert sum(h for h, _ in v["classes"].values()) == v["correct"] <= v["n"]
             assert sum(k for _, k in v["classes"].values()) == v["n"]
+
+
+def test_last_layer_benchmark_fits_on_the_crops_refit_fits_on_and_caches_them(tiny_model, roots, tmp_path, monkeypatch):
+    import cxr_fastai.artifact.refit as refit
+
+    mod = load_benchmark("last_layer")
+    out, feats = tmp_path / "ll.json", tmp_path / "f.npz"
+    args = [str(tiny_model.art), *map(str, roots), "--max-drop", "1", "--draws", "2", "--features", str(feats), "--json", str(out)]
+    assert mod.main(args) == 0
+    bench = json.loads(out.read_text())
+    lib = refit.refit_artifact(tiny_model.art, roots, tmp_path / "rf", max_drop=1.0, draws=2, workers=1)
+    assert [(g["balance"], g["alpha"], g["C"]) for g in bench["grid"]] == [(g["balance"], g["alpha"], g["C"]) for g in lib.grid]
+    for b, g in zip(bench["grid"], lib.grid):
+        assert b["balanced_accuracy_by_source"] == pytest.approx(g["balanced_accuracy_by_source"], abs=1e-9)
+        assert b["pooled_accuracy"] == pytest.approx(g["pooled_accuracy"], abs=1e-9)
+    # the crops are kept beside the features and read back, not cut again
+    assert "crops2" in np.load(feats).files
+    monkeypatch.setattr(refit, "crop_features", lambda *a, **k: pytest.fail("crops cut again"))
+    assert mod.main(args) == 0 and json.loads(out.read_text())["grid"] == bench["grid"]

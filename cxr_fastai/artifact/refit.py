@@ -16,8 +16,12 @@ weight and statistic is kept, so the new artifact is an ordinary one (safetensor
 `refit` record of what was done and the validation figures it was chosen on).
 
 Unlike the paper, which refits on data the network did not train on, the head is refitted on the train
-split, usually the network's own training images, whose features are partly memorised; validation, which
-the network never trained on, is what chooses, and the test split is what tells.
+split, usually the network's own training images, whose features, read whole as `predict` reads them, are
+partly memorised. With `draws` the head is fitted instead on that many training crops of each train image,
+cut as training cut them: the features the network met while it trained (measured on cxr3 test, they keep
+the children's normal films that a head fitted on the whole images gives away, which the validation split
+does not warn of; docs/generalisation.md). Valid images are always read as `predict` reads them.
+Validation, which the network never trained on, is what chooses, and the test split is what tells.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..config import REFIT_DRAWS
 from ..errors import DataError
 from .export import (Artifact, check_derived_destination, parent_record, read_manifest, seen_counts_of,
                      write_derived_artifact)
@@ -83,6 +88,61 @@ def features(pred, paths: Sequence[str], bs: int = 256, workers: int = 4,
     if progress:
         progress(len(paths), len(paths))
     return out, bad
+
+
+def crop_features(pred, paths: Sequence[str], draws: int, min_scale: float, seed: int = 0, bs: int = 256,
+                  workers: int = 4, progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """The head's input for `draws` training crops of every path: each image read as `predict` reads it but
+    squashed to the run's cache side, as the training cache holds it, then cut as training cuts it
+    (RandomResizedCrop, smallest area `min_scale`, resized to the model's size) and normalised. A network's
+    features of the very images it trained on, unaugmented, are partly memorised; these are the features it
+    met while training. Streams in batches (memory flat with the count); the crops are fixed by `seed`.
+    Returns the (draws, N, features) array (zeros for an unreadable image) and (index, error) of those."""
+    import torch
+
+    from ..data.augment import random_resized_crop
+    from ..io.images import decode_many, read_step, squash
+
+    art, side = pred.art, pred.art.cache_side
+    out = np.zeros((draws, len(paths), pred.model.head.in_features), np.float32)
+    # every crop drawn up front: each image's crops depend on the seed and its place only, not on batching
+    u = torch.rand((draws, len(paths), 4), generator=torch.Generator().manual_seed(int(seed)))
+    batch, idx, bad = [], [], []
+
+    def shrink(arr):
+        return squash(read_step(arr, art.contrast, art.crop_border), side)
+
+    def flush():
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack(batch))[:, None].to(pred.device).float().div_(255.0)
+            for k in range(draws):
+                xk = (random_resized_crop(x, art.size, min_scale, u[k, idx].to(pred.device)) - art.mean) / art.std
+                out[k, idx] = pred.model.embed(xk).float().cpu().numpy()
+        batch.clear(), idx.clear()
+
+    for i, arr, err in decode_many(list(paths), workers=workers, fn=shrink):
+        if arr is None:
+            bad.append((i, err))
+        else:
+            batch.append(arr), idx.append(i)
+        if len(batch) == bs:
+            flush()
+        if progress and (i + 1) % (10 * bs) == 0:
+            progress(i + 1, len(paths))
+    if batch:
+        flush()
+    if progress:
+        progress(len(paths), len(paths))
+    return out, bad
+
+
+def stack_crops(crops: np.ndarray, crop_items: np.ndarray, rest: np.ndarray, rest_items: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One feature matrix of the crops of some items ((draws, n, features), one draw after the other) and the
+    plain features of others, and the item behind each of its rows (to index labels, sources and splits by)."""
+    return (np.concatenate([crops.reshape(-1, crops.shape[-1]), rest]),
+            np.r_[np.tile(crop_items, crops.shape[0]), rest_items])
 
 
 def valid_row(y, p, classes, src, mask) -> dict:
@@ -152,20 +212,23 @@ def linear_head(lr, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | Path, *,
                    balances: Sequence[str] | None = None, max_drop: float = 0.01, holdout: Sequence[str] = (),
                    bs: int = 256, workers: int = 4, device: str = "cpu", trust_pickle: bool = False,
-                   force: bool = False, progress: Callable[[int, int], None] | None = None,
+                   force: bool = False, draws: int = REFIT_DRAWS, progress: Callable[[int, int], None] | None = None,
                    on_row: Callable[[dict], None] | None = None) -> RefitResult:
     """Write `to`: the artifact with its last layer refitted on the train images of the labelled roots `data`
     and chosen on their valid images (see the module's docstring), split as the model's training split them
     (its valid_pct and seed, for roots without a split of their own). Sources in `holdout`, and those the
     model's training left out (a crossval fold's), are kept out of both. A patient-grouped fold's model is
     refused. When no head keeps pooled validation accuracy within `max_drop`, nothing is written and the
-    result's artifact is None."""
+    result's artifact is None. With `draws` > 0 the head is fitted on that many training crops of every train
+    image (`crop_features`) instead of the images themselves; valid images are always read as `predict` reads them."""
     import torch
 
     from ..data.discover import discover
     from ..io.files import hash_files
     from .predict import Predictor
 
+    if draws < 0:
+        raise DataError(f"draws must be 0 (the whole train images) or more, got {draws}")
     art = read_manifest(artifact)
     dest = Path(to)
     check_derived_destination(art, dest, force, "refitted")
@@ -200,12 +263,31 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
 
     pred = Predictor(art, device)
     paths = items.path.astype(str).tolist()
-    F, bad = features(pred, paths, bs=bs, workers=workers, progress=progress)
+    if draws:   # train rows: `draws` crops of each train image, then every valid image as predict reads it
+        is_tr = (items.split == "train").to_numpy()
+        ti, vi = np.flatnonzero(is_tr), np.flatnonzero(~is_tr)
+        min_scale = float(tcfg.get("min_scale", 0.6))
+        done = 0
+
+        def step(d, n):
+            if progress:
+                progress(done + d, len(paths))
+
+        Fc, bad_c = crop_features(pred, [paths[i] for i in ti], draws, min_scale, int(tcfg.get("seed", 0)), bs,
+                                  workers, step)
+        done = len(ti)
+        Fv, bad_v = features(pred, [paths[i] for i in vi], bs=bs, workers=workers, progress=step)
+        bad = sorted([(int(ti[i]), e) for i, e in bad_c] + [(int(vi[i]), e) for i, e in bad_v])
+        F, rows_of = stack_crops(Fc, ti, Fv, vi)
+    else:
+        F, bad = features(pred, paths, bs=bs, workers=workers, progress=progress)
+        rows_of = np.arange(len(items))
     ok = np.ones(len(items), bool)
     ok[[i for i, _ in bad]] = False
-    y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
-    src = items.source.astype(str).to_numpy()
-    tr, va = ok & (items.split == "train").to_numpy(), ok & (items.split == "valid").to_numpy()
+    y_items = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
+    y, src = y_items[rows_of], items.source.astype(str).to_numpy()[rows_of]
+    tr = (ok & (items.split == "train").to_numpy())[rows_of]
+    va = (ok & (items.split == "valid").to_numpy())[rows_of]
     for name, mask in (("train", tr), ("valid", va)):
         if len(set(y[mask])) < len(art.classes):
             raise DataError(f"too few readable {name} images: every class needs one ({len(bad)} unreadable)")
@@ -213,29 +295,33 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     with torch.inference_mode():
         p0 = torch.softmax(pred.model.head(torch.from_numpy(F).to(pred.device)).float(), dim=1).cpu().numpy()
     base = valid_row(y, p0, art.classes, src, va)
-    rows, best = fit_grid(F, y, src, items[tr], tr, va, art.classes, base, balances=balances,
+    rows, best = fit_grid(F, y, src, items.iloc[rows_of[tr]], tr, va, art.classes, base, balances=balances,
                           max_drop=max_drop, progress=on_row)
     skipped = [(paths[i], e) for i, e in bad]
     hashes = [h for h, _ in hash_files(paths)]
-    res = RefitResult(None, base, None if best is None else best[0], rows, int(tr.sum()), int(va.sum()), skipped,
-                      list(holdout), by_model, seen_counts_of(art.manifest, [hashes[i] for i in np.flatnonzero(va)])[0])
+    tr_items, va_items = np.unique(rows_of[tr]), rows_of[va]
+    res = RefitResult(None, base, None if best is None else best[0], rows, len(tr_items), len(va_items), skipped,
+                      list(holdout), by_model, seen_counts_of(art.manifest, [hashes[i] for i in va_items])[0])
     if best is None:
         return res
     row, lr, scaler = best
     W, b = linear_head(lr, scaler, len(art.classes))
     state = {k: v.detach().cpu().contiguous() for k, v in pred.model.state_dict().items()}
     state["head.weight"], state["head.bias"] = torch.from_numpy(W), torch.from_numpy(b)
-    counts = items[tr].groupby(["source", "label"]).size()
+    counts = items.iloc[tr_items].groupby(["source", "label"]).size()
     record = {"method": METHOD, "balance": row["balance"], "alpha": row["alpha"], "C": row["C"],
               "max_drop": max_drop, "held_out_sources": list(holdout), "grid_size": len(rows),
-              "train_images": int(tr.sum()), "valid_images": int(va.sum()), "unreadable": len(bad),
+              "train_images": len(tr_items), "valid_images": len(va_items), "unreadable": len(bad),
+              "train_features": (f"{draws} training crops per image (RandomResizedCrop, smallest area "
+                                 f"{float(tcfg.get('min_scale', 0.6)):g}, from the run's cache side)") if draws
+                                else "each image as predict reads it",
               "train_counts": {f"{s}/{c}": int(n) for (s, c), n in counts.items()},
               "validation": {"trained_head": base, "refitted_head": {k: row[k] for k in (
                   "worst_source", "worst_balanced_accuracy", "pooled_accuracy", "pooled_balanced_accuracy",
                   "balanced_accuracy_by_source")}},
               "parent": parent_record(art),
               # content hashes of the images the head was fitted and chosen on: `evaluate` says when it scores them
-              "images_sha256": sorted({hashes[i] for i in np.flatnonzero(tr | va)} - {None})}
+              "images_sha256": sorted({hashes[i] for i in np.r_[tr_items, va_items]} - {None})}
     card = (f"Last layer refitted after training (cxr-fastai refit: {row['balance']} weights at alpha "
             f"{row['alpha']}, C {row['C']}), chosen on validation: worst source {row['worst_source']} balanced "
             f"accuracy {base['worst_balanced_accuracy']:.3f} -> {row['worst_balanced_accuracy']:.3f}, pooled "
