@@ -64,30 +64,37 @@ def features(pred, paths: Sequence[str], bs: int = 256, workers: int = 4,
     (N, features) array (zeros for an unreadable image) and (index, error) of the unreadable ones."""
     import torch
 
-    from ..io.images import decode_many
-
     out = np.zeros((len(paths), pred.model.head.in_features), np.float32)
-    batch, idx, bad = [], [], []
 
-    def flush():
+    def embed(batch, idx):
         with torch.inference_mode():
             out[idx] = pred.model.embed(pred.preprocess(batch)).cpu().numpy()
-        batch.clear(), idx.clear()
 
-    for i, arr, err in decode_many(list(paths), workers=workers, fn=pred.shrink):
+    return out, _in_batches(paths, pred.shrink, embed, bs, workers, progress)
+
+
+def _in_batches(paths: Sequence[str], shrink, on_batch, bs: int, workers: int,
+                progress: Callable[[int, int], None] | None) -> list[tuple[int, str]]:
+    """Decode every path in order, each through `shrink`, and hand the readable ones to `on_batch(arrays,
+    indices)` `bs` at a time (memory flat with the count). Returns (index, error) of the unreadable ones."""
+    from ..io.images import decode_many
+
+    batch, idx, bad = [], [], []
+    for i, arr, err in decode_many(list(paths), workers=workers, fn=shrink):
         if arr is None:
             bad.append((i, err))
         else:
             batch.append(arr), idx.append(i)
         if len(batch) == bs:
-            flush()
+            on_batch(batch, idx)
+            batch, idx = [], []
         if progress and (i + 1) % (10 * bs) == 0:
             progress(i + 1, len(paths))
     if batch:
-        flush()
+        on_batch(batch, idx)
     if progress:
         progress(len(paths), len(paths))
-    return out, bad
+    return bad
 
 
 def crop_features(pred, paths: Sequence[str], draws: int, min_scale: float, seed: int = 0, bs: int = 256,
@@ -102,39 +109,24 @@ def crop_features(pred, paths: Sequence[str], draws: int, min_scale: float, seed
     import torch
 
     from ..data.augment import random_resized_crop
-    from ..io.images import decode_many, read_step, squash
+    from ..io.images import read_step, squash
 
-    art, side = pred.art, pred.art.cache_side
+    art = pred.art
     out = np.zeros((draws, len(paths), pred.model.head.in_features), np.float32)
     # every crop drawn up front: each image's crops depend on the seed and its place only, not on batching
     u = torch.rand((draws, len(paths), 4), generator=torch.Generator().manual_seed(int(seed)))
-    batch, idx, bad = [], [], []
 
     def shrink(arr):
-        return squash(read_step(arr, art.contrast, art.crop_border), side)
+        return squash(read_step(arr, art.contrast, art.crop_border), art.cache_side)
 
-    def flush():
+    def embed(batch, idx):
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(batch))[:, None].to(pred.device).float().div_(255.0)
             for k in range(draws):
                 xk = (random_resized_crop(x, art.size, min_scale, u[k, idx].to(pred.device)) - art.mean) / art.std
                 out[k, idx] = pred.model.embed(xk).float().cpu().numpy()
-        batch.clear(), idx.clear()
 
-    for i, arr, err in decode_many(list(paths), workers=workers, fn=shrink):
-        if arr is None:
-            bad.append((i, err))
-        else:
-            batch.append(arr), idx.append(i)
-        if len(batch) == bs:
-            flush()
-        if progress and (i + 1) % (10 * bs) == 0:
-            progress(i + 1, len(paths))
-    if batch:
-        flush()
-    if progress:
-        progress(len(paths), len(paths))
-    return out, bad
+    return out, _in_batches(paths, shrink, embed, bs, workers, progress)
 
 
 def stack_crops(crops: np.ndarray, crop_items: np.ndarray, rest: np.ndarray, rest_items: np.ndarray
