@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxr_fastai.artifact.refit import BALANCES, fit_grid, stack_crops, valid_row  # noqa: E402,F401  (valid_row: ensemble.py)
+from cxr_fastai.artifact.refit import BALANCES, fit_grid, stack_crops, training_crop, valid_row  # noqa: E402,F401  (valid_row: ensemble.py)
 from cxr_fastai.config import REFIT_DRAWS  # noqa: E402
 
 
@@ -201,8 +201,7 @@ def main(argv=None) -> int:
             C = cached[key]
         else:
             t0 = time.time()
-            C = crops(pred, [paths[i] for i in ti], a.draws, float(art.manifest.get("training", {}).get("min_scale", 0.6)),
-                      int(art.manifest.get("training", {}).get("seed", 0)))
+            C = crops(pred, [paths[i] for i in ti], a.draws, *training_crop(art))
             print(f"crops: {a.draws} of {len(ti)} train images in {time.time() - t0:.0f} s", file=sys.stderr)
             cached[key] = C
             if a.features:

@@ -129,6 +129,14 @@ def crop_features(pred, paths: Sequence[str], draws: int, min_scale: float, seed
     return out, _in_batches(paths, shrink, embed, bs, workers, progress)
 
 
+def training_crop(art: Artifact) -> tuple[float, int]:
+    """(smallest crop area, seed) of the run that trained `art`: what `crop_features` needs to cut as it did."""
+    from ..config import TrainConfig
+
+    t = art.manifest.get("training") or {}
+    return float(t.get("min_scale", TrainConfig.min_scale)), int(t.get("seed", 0))
+
+
 def stack_crops(crops: np.ndarray, crop_items: np.ndarray, rest: np.ndarray, rest_items: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """One feature matrix of the crops of some items ((draws, n, features), one draw after the other) and the
@@ -258,15 +266,14 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
     if draws:   # train rows: `draws` crops of each train image, then every valid image as predict reads it
         is_tr = (items.split == "train").to_numpy()
         ti, vi = np.flatnonzero(is_tr), np.flatnonzero(~is_tr)
-        min_scale = float(tcfg.get("min_scale", 0.6))
+        min_scale, seed = training_crop(art)
         done = 0
 
         def step(d, n):
             if progress:
                 progress(done + d, len(paths))
 
-        Fc, bad_c = crop_features(pred, [paths[i] for i in ti], draws, min_scale, int(tcfg.get("seed", 0)), bs,
-                                  workers, step)
+        Fc, bad_c = crop_features(pred, [paths[i] for i in ti], draws, min_scale, seed, bs, workers, step)
         done = len(ti)
         Fv, bad_v = features(pred, [paths[i] for i in vi], bs=bs, workers=workers, progress=step)
         bad = sorted([(int(ti[i]), e) for i, e in bad_c] + [(int(vi[i]), e) for i, e in bad_v])
@@ -305,7 +312,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
               "max_drop": max_drop, "held_out_sources": list(holdout), "grid_size": len(rows),
               "train_images": len(tr_items), "valid_images": len(va_items), "unreadable": len(bad),
               "train_features": (f"{draws} training crops per image (RandomResizedCrop, smallest area "
-                                 f"{float(tcfg.get('min_scale', 0.6)):g}, from the run's cache side)") if draws
+                                 f"{training_crop(art)[0]:g}, from the run's cache side)") if draws
                                 else "each image as predict reads it",
               "train_counts": {f"{s}/{c}": int(n) for (s, c), n in counts.items()},
               "validation": {"trained_head": base, "refitted_head": {k: row[k] for k in (
