@@ -23,6 +23,9 @@ equally weighted. It costs one forward pass over the data instead of a training.
                                     [--no-grid]   # 1, 4 (trained head) and 5 only
                                     [--holdout SOURCE]  # a crossval fold's model: SOURCE neither fits nor chooses
                                     [--frontier]  # 6: every head scored on test (a diagnostic)
+                                    [--draws K [--crop-seed S ...]]  # fit on K training crops per image, as
+                                        # `refit --draws K` does (its crops: the run's seed); other seeds show how
+                                        # much the choice depends on the draw, several seeds fit on all their crops
 
 DATA defaults to cxr3 and cxr3-adult beside the repository ($CXR_DATA_ROOT for their parent folder).
 --features keeps the features between runs (an .npz; recomputed when its items differ). Nothing else is
@@ -159,9 +162,14 @@ def main(argv=None) -> int:
                          "out of the re-fit and the choice, its test images are scored (repeatable)")
     ap.add_argument("--draws", type=int, default=REFIT_DRAWS,
                     help="fit on this many training crops of each train image, as `cxr-fastai refit` does (0: the images themselves)")
+    ap.add_argument("--crop-seed", type=int, action="append", default=[], metavar="SEED",
+                    help="with --draws: cut the crops from this seed instead of the training run's (refit's); repeatable, "
+                         "each seed's draws stacked (3 seeds of --draws 2: 6 crops of each image)")
     ap.add_argument("--frontier", action="store_true",
                     help="also score every head of the grid on test (a diagnostic of the trade the features allow)")
     a = ap.parse_args(argv)
+    if a.crop_seed and not a.draws:
+        ap.error("--crop-seed needs --draws")
 
     import torch
 
@@ -196,18 +204,19 @@ def main(argv=None) -> int:
     rows_of = np.arange(len(items))   # the item behind each row of F
     if a.draws:   # the train rows become `draws` training crops of each train image (refit's own features)
         ti = np.flatnonzero((items.split == "train").to_numpy())
-        key = f"crops{a.draws}"
-        if key in cached:
-            C = cached[key]
-        else:
-            t0 = time.time()
-            C = crops(pred, [paths[i] for i in ti], a.draws, *training_crop(art))
-            print(f"crops: {a.draws} of {len(ti)} train images in {time.time() - t0:.0f} s", file=sys.stderr)
-            cached[key] = C
-            if a.features:
-                np.savez(a.features, **cached)
+        min_scale, run_seed = training_crop(art)
+        parts, crop_seeds = [], a.crop_seed or [run_seed]
+        for seed in crop_seeds:   # each seed's draws, one after the other
+            key = f"crops{a.draws}" if seed == run_seed else f"crops{a.draws}_seed{seed}"
+            if key not in cached:
+                t0 = time.time()
+                cached[key] = crops(pred, [paths[i] for i in ti], a.draws, min_scale, seed)
+                print(f"crops: {a.draws} of {len(ti)} train images (seed {seed}) in {time.time() - t0:.0f} s", file=sys.stderr)
+                if a.features:
+                    np.savez(a.features, **cached)
+            parts.append(cached[key])
         rest = np.setdiff1d(rows_of, ti)
-        F, rows_of = stack_crops(C, ti, F[rest], rest)
+        F, rows_of = stack_crops(np.concatenate(parts), ti, F[rest], rest)
     items = items.iloc[rows_of].reset_index(drop=True)
     y = items.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
     src = items.source.astype(str).to_numpy()
@@ -239,7 +248,8 @@ def main(argv=None) -> int:
                         "test": test_row(y, p0, art.classes, src, te_roots, te)}] + rows)
     if best is not None:
         best = (best[0], best[1].predict_proba(best[2].transform(F)))
-    result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "valid_trained_head": base, "grid": rows}
+    result = {"artifact": str(a.artifact), "data": [str(r) for r in roots], "draws": a.draws,
+              "crop_seeds": crop_seeds if a.draws else [], "valid_trained_head": base, "grid": rows}
     heads = [("trained head", p0)]
     if best is None and rows:
         print("no re-fitted head keeps pooled valid accuracy within --max-drop")

@@ -434,3 +434,53 @@ def test_last_layer_benchmark_fits_on_the_crops_refit_fits_on_and_caches_them(ti
     assert "crops2" in np.load(feats).files
     monkeypatch.setattr(refit, "crop_features", lambda *a, **k: pytest.fail("crops cut again"))
     assert mod.main(args) == 0 and json.loads(out.read_text())["grid"] == bench["grid"]
+
+
+def test_last_layer_benchmark_stacks_the_crops_of_several_seeds(tiny_model, roots, tmp_path, monkeypatch):
+    import cxr_fastai.artifact.refit as refit
+    from cxr_fastai.artifact.export import read_manifest
+    from cxr_fastai.artifact.predict import Predictor
+    from cxr_fastai.data.discover import discover
+
+    mod = load_benchmark("last_layer")
+    art = read_manifest(tiny_model.art)
+    min_scale, run_seed = refit.training_crop(art)
+    other = run_seed + 7
+    out, feats = tmp_path / "ll.json", tmp_path / "f.npz"
+    args = [str(tiny_model.art), *map(str, roots), "--max-drop", "1", "--draws", "1", "--crop-seed", str(run_seed),
+            "--crop-seed", str(other), "--features", str(feats), "--json", str(out)]
+    assert mod.main(args) == 0
+    bench = json.loads(out.read_text())
+    assert bench["draws"] == 1 and bench["crop_seeds"] == [run_seed, other]
+    # each seed's crops are the library's crops of the train images, kept under their own key
+    items = discover([str(r) for r in roots]).items
+    items = items[items.split.isin(["train", "valid", "test"]) & items.label.isin(art.classes)].reset_index(drop=True)
+    ti = np.flatnonzero((items.split == "train").to_numpy())
+    pred = Predictor(art)
+    cached = np.load(feats)
+    mine = {s: refit.crop_features(pred, items.path.astype(str).iloc[ti].tolist(), 1, min_scale, s, workers=1)[0]
+            for s in (run_seed, other)}
+    np.testing.assert_allclose(cached["crops1"], mine[run_seed], atol=1e-5)
+    np.testing.assert_allclose(cached[f"crops1_seed{other}"], mine[other], atol=1e-5)
+    assert not np.allclose(mine[run_seed], mine[other])
+    # the grid is fitted on both seeds' crops together: two rows for each train image
+    rest = np.setdiff1d(np.arange(len(items)), ti)
+    F, rows_of = refit.stack_crops(np.concatenate([mine[run_seed], mine[other]]), ti, cached["feats"][rest], rest)
+    it = items.iloc[rows_of].reset_index(drop=True)
+    y = it.label.map({c: i for i, c in enumerate(art.classes)}).to_numpy()
+    src = it.source.astype(str).to_numpy()
+    tr, va = ((it.split == s).to_numpy() for s in ("train", "valid"))
+    assert tr.sum() == 2 * len(ti)
+    import torch
+    with torch.inference_mode():
+        p0 = torch.softmax(pred.model.head(torch.from_numpy(F)), dim=1).numpy()
+    base = refit.valid_row(y, p0, art.classes, src, va)
+    rows, _ = refit.fit_grid(F, y, src, it[tr], tr, va, art.classes, base, max_drop=1.0)
+    for b, g in zip(bench["grid"], rows, strict=True):
+        assert b["balanced_accuracy_by_source"] == pytest.approx(g["balanced_accuracy_by_source"], abs=1e-9)
+        assert b["pooled_accuracy"] == pytest.approx(g["pooled_accuracy"], abs=1e-9)
+    # read back, not cut again; without --draws a crop seed is refused
+    monkeypatch.setattr(refit, "crop_features", lambda *a, **k: pytest.fail("crops cut again"))
+    assert mod.main(args) == 0 and json.loads(out.read_text())["grid"] == bench["grid"]
+    with pytest.raises(SystemExit):
+        mod.main([str(tiny_model.art), *map(str, roots), "--crop-seed", "3"])
