@@ -175,7 +175,7 @@ RECIPE = {
     "lr": typer.Option(D.lr, min=1e-7, max=10.0, help="Peak learning rate of the one-cycle schedule."),
     "wd": typer.Option(D.wd, min=0.0, max=1.0, help="Decoupled weight decay (not on BN/bias)."),
     "clip": typer.Option(D.clip, min=1e-6, help="Gradient-norm clip (fastai GradientClip)."),
-    "seed": typer.Option(D.seed, min=0, help="Seed: the same seed gives the same numbers on CPU."),
+    "seed": typer.Option(D.seed, min=0, help="Seed: the same seed gives the same numbers on the same CPU machine (close, not identical, elsewhere)."),
     "min_scale": typer.Option(D.min_scale, min=0.01, max=1.0, help="RandomResizedCrop: smallest crop area fraction."),
     "device": typer.Option(Device(D.device), help="Where to train."),
     "workers": typer.Option(D.workers, min=0, max=64, help="DataLoader worker processes (--data-path pil)."),
