@@ -125,7 +125,11 @@ def test_export_folder_holds_pickle_weights_and_a_checked_manifest(artifact, run
     meta = json.loads((run / "run.json").read_text())
     assert m["normalization"] == {k: meta["stats"][k] for k in ("mean", "std")}
     assert m["input"]["cache_side"] == meta["cache_side"] == 64  # 128 px JPEGs, 2 x the 32 px input
-    assert {"fastai", "torch"} <= set(m["versions"]) and m["training"]["epochs"] == 2
+    assert {"fastai", "torch", "numpy"} <= set(m["versions"]) and m["training"]["epochs"] == 2
+    # the run says what machine trained it (the same seed repeats its numbers there, not on every machine)
+    import platform
+    assert meta["machine"]["arch"] == platform.machine() and meta["machine"]["cores"] >= 1
+    assert isinstance(meta["machine"]["cpu"], str) and meta["machine"]["cpu"]
     assert m["architecture"]["widths"] == list(TINY_WIDTHS)
     # nothing but the model in the pickle: its weights and fastai's few kB of objects, not the images (the
     # training cache alone is 180 x 64 x 64 bytes, 737 kB)

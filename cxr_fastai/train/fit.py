@@ -22,7 +22,7 @@ from ..data.discover import check_items_exist, check_trainable, discover, item_f
 from ..errors import CxrError, DataError, RunError
 from ..io.files import atomic_save_path, atomic_write_text
 from ..model import MIN_SIZE, ResNet9
-from .runs import RunInfo, cache_side, load_run, versions
+from .runs import RunInfo, cache_side, load_run, machine, versions
 
 Log = Callable[[str], None]
 
@@ -299,6 +299,7 @@ def prepare_run(cfg: TrainConfig, *, force: bool, log: Log, warn: Log) -> tuple[
         "epochs_done": 0,
         "finished": False,
         "versions": versions(),
+        "machine": machine(),   # what trained it: numbers repeat on the same machine, not on every one
     }
     write_json(run / "config.json", cfg.to_dict())
     atomic_write_text(run / "items.csv", items[["path", "label", "split", "source"]].to_csv(index=False))

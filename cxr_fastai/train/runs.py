@@ -88,8 +88,25 @@ def versions() -> dict[str, str]:
 
     from .. import __version__
 
+    import numpy
+
     return {"cxr_fastai": __version__, "fastai": fastai.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version()}
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def machine() -> dict:
+    """The processor a run trained on (architecture, model name, cores): the same command and seed give the
+    same numbers on one machine but not on every one, so a run says where its numbers came from."""
+    import os
+    import platform
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "cpu": cpu or "unknown", "cores": os.cpu_count()}
 
 
 def fmt_seconds(s: float) -> str:
