@@ -109,7 +109,7 @@ def crop_features(pred, paths: Sequence[str], draws: int, min_scale: float, seed
     import torch
 
     from ..data.augment import random_resized_crop
-    from ..io.images import read_step, squash
+    from ..data.loaders import cache_form
 
     art = pred.art
     out = np.zeros((draws, len(paths), pred.model.head.in_features), np.float32)
@@ -117,7 +117,7 @@ def crop_features(pred, paths: Sequence[str], draws: int, min_scale: float, seed
     u = torch.rand((draws, len(paths), 4), generator=torch.Generator().manual_seed(int(seed)))
 
     def shrink(arr):
-        return squash(read_step(arr, art.contrast, art.crop_border), art.cache_side)
+        return cache_form(arr, art.cache_side, art.contrast, art.crop_border)
 
     def embed(batch, idx):
         with torch.inference_mode():
@@ -263,10 +263,10 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
 
     pred = Predictor(art, device)
     paths = items.path.astype(str).tolist()
+    min_scale, seed = training_crop(art)
     if draws:   # train rows: `draws` crops of each train image, then every valid image as predict reads it
         is_tr = (items.split == "train").to_numpy()
         ti, vi = np.flatnonzero(is_tr), np.flatnonzero(~is_tr)
-        min_scale, seed = training_crop(art)
         done = 0
 
         def step(d, n):
@@ -312,7 +312,7 @@ def refit_artifact(artifact: str | Path, data: Sequence[str | Path], to: str | P
               "max_drop": max_drop, "held_out_sources": list(holdout), "grid_size": len(rows),
               "train_images": len(tr_items), "valid_images": len(va_items), "unreadable": len(bad),
               "train_features": (f"{draws} training crops per image (RandomResizedCrop, smallest area "
-                                 f"{training_crop(art)[0]:g}, from the run's cache side)") if draws
+                                 f"{min_scale:g}, from the run's cache side)") if draws
                                 else "each image as predict reads it",
               "train_counts": {f"{s}/{c}": int(n) for (s, c), n in counts.items()},
               "validation": {"trained_head": base, "refitted_head": {k: row[k] for k in (

@@ -43,12 +43,18 @@ def cache_side_for(size: int, native_side: float) -> int:
     return int(max(size, min(2 * size, round(native_side))))
 
 
+def cache_form(arr: np.ndarray, side: int, contrast: str = "none", crop: float = 0.0) -> np.ndarray:
+    """One decoded image as the training cache holds it: the read step (contrast, border crop), squashed to
+    `side`. `refit --draws` cuts its crops from the same."""
+    return squash(read_step(arr, contrast, crop), side)
+
+
 def decode_to_tensor(paths: Sequence[str], side: int, workers: int = 4, contrast: str = "none", crop: float = 0.0):
     """(N, 1, side, side) uint8 tensor; unreadable files raise DataError (they were filtered by scan)."""
     import torch
 
     out = torch.empty((len(paths), 1, side, side), dtype=torch.uint8)
-    for i, arr, err in decode_many(list(paths), workers, fn=lambda a: squash(read_step(a, contrast, crop), side)):
+    for i, arr, err in decode_many(list(paths), workers, fn=lambda a: cache_form(a, side, contrast, crop)):
         if arr is None:
             raise DataError(f"{paths[i]}: became unreadable after the scan ({err})")
         out[i, 0] = torch.from_numpy(np.array(arr))  # copy: decoded arrays are read-only views
